@@ -1,0 +1,133 @@
+"""MLflow as the default experiment tracker.
+
+Pitfalls handled here (DESIGN.md §6): MLflow 3.17 refuses the plain file store, so the default is a local SQLite
+store; Lightning's ``SaveConfigCallback`` asserts a log_dir that ``MLFlowLogger`` with SQLite doesn't have, so the
+resolved config is logged as an MLflow artifact instead; ``MLFlowLogger`` reads ``MLFLOW_TRACKING_URI`` at import
+time, so the URI is resolved here at construction time.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+
+from src.errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Explicit URI > ``MLFLOW_TRACKING_URI`` > the local SQLite store ``./mlflow.db``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail early, with one clear line, on a tracking URI that cannot work."""
+    allowed = "sqlite:///path/to/mlflow.db, http(s)://host:port of a running MLflow server, or databricks"
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        folder = db.parent if str(db.parent) else Path(".")
+        if not folder.is_dir():
+            raise UserError(f"MLflow tracking URI {uri}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise UserError(f"MLflow tracking URI {uri}: {db} is not writable")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(f"MLflow tracking URI {uri} is unreachable ({reason}); allowed: {allowed}") from None
+    elif uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks"):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+            raise UserError(
+                f"MLflow tracking URI {uri!r}: MLflow 3 refuses the file store unless MLFLOW_ALLOW_FILE_STORE=true; "
+                f"allowed: {allowed}"
+            )
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+class MLflowLogger(MLFlowLogger):
+    """``MLFlowLogger`` with the project's defaults: SQLite store, git commit tag, early URI check.
+
+    ``DENSE2MOE_PARENT_RUN_ID`` (set by the stage orchestrator and the sweep driver) nests the run under a parent.
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "dense2moe",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        tags: dict[str, Any] | None = None,
+        artifact_location: str | None = None,
+        log_model: bool = False,
+    ) -> None:
+        uri = resolve_tracking_uri(tracking_uri)
+        check_tracking_uri(uri)
+        tags = dict(tags or {})
+        commit = git_commit()
+        if commit:
+            tags.setdefault("mlflow.source.git.commit", commit)
+        parent = os.environ.get("DENSE2MOE_PARENT_RUN_ID")
+        if parent:
+            tags.setdefault("mlflow.parentRunId", parent)
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tracking_uri=uri,
+            tags=tags,
+            artifact_location=artifact_location,
+            log_model=log_model,
+        )
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        self.experiment.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.experiment.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.experiment.log_dict(self.run_id, data, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        buf = io.BytesIO()
+        figure.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        from PIL import Image
+
+        buf.seek(0)
+        self.log_image(np.asarray(Image.open(buf).convert("RGB")), artifact_file)
+
+    @property
+    def run_url(self) -> str:
+        return f"{self._tracking_uri}  experiment={self.name!r} run_id={self.run_id}"
+
+
+class MLflowSaveConfigCallback(SaveConfigCallback):
+    """Logs the fully resolved config as ``config.yaml`` to the run (and to the log dir when there is one)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_text(logger.run_id, text, "config.yaml")

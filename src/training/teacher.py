@@ -1,0 +1,138 @@
+"""Train the dense teacher: a diffusers ``FluxTransformer2DModel`` with rectified flow.
+
+The training step reads straight through: prompts (some dropped for classifier-free guidance) → noise level σ and
+noise → x_t = (1 − σ)·x_0 + σ·ε → velocity prediction → MSE to ε − x_0 → log.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel
+
+from src.errors import UserError
+from src.models.flow import TIMESTEP_SAMPLINGS, sample_sigmas
+from src.models.text_encoder import TextEncoderConfig
+from src.training.base import FlowModule, SamplingConfig
+
+
+def load_flux_transformer(path: str, expected: dict[str, Any] | None = None) -> FluxTransformer2DModel:
+    """Load a dense FLUX transformer from a diffusers folder; one clear error when it is missing or mismatched."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"teacher checkpoint {path}: no diffusers config.json there (expected a save_pretrained folder)")
+    try:
+        model = FluxTransformer2DModel.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"teacher checkpoint {path} cannot be loaded: {first}") from None
+    if expected:
+        wrong = {k: (model.config[k], v) for k, v in expected.items() if k in model.config and model.config[k] != v}
+        if wrong:
+            parts = ", ".join(f"{k}={got!r} (config says {want!r})" for k, (got, want) in wrong.items())
+            raise UserError(f"teacher checkpoint {path} does not match the teacher config: {parts}")
+    return model
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """An output folder must be creatable and writable before any work starts."""
+    folder = Path(path)
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UserError(f"{what} {path}: not writable (nearest existing folder {probe})")
+
+
+class TeacherModule(FlowModule):
+    """Rectified-flow training of a dense FLUX-architecture transformer (the teacher)."""
+
+    def __init__(
+        self,
+        transformer: dict[str, Any],
+        text_encoder: TextEncoderConfig | None = None,
+        sampling: SamplingConfig | None = None,
+        image_size: int = 32,
+        patch_size: int = 4,
+        timestep_sampling: str = "logit_normal",
+        timestep_shift: float = 1.0,
+        text_dropout: float = 0.1,
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 200,
+        init_from: str | None = None,
+        export_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            transformer: ``FluxTransformer2DModel`` config (diffusers keyword arguments).
+            text_encoder: The frozen text encoder; its widths must equal ``joint_attention_dim`` /
+                ``pooled_projection_dim``.
+            sampling: Sampler used for validation images.
+            image_size: Square image side in pixels.
+            patch_size: Pixels per token side (in_channels must be 3·patch_size²).
+            timestep_sampling: "uniform" or "logit_normal" noise levels during training.
+            timestep_shift: FLUX shift applied to the sampled noise levels.
+            text_dropout: Probability of replacing the prompt by "" (classifier-free guidance training).
+            lr: AdamW peak learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_steps: Linear warm-up steps.
+            init_from: Optional diffusers folder to start from instead of random weights.
+            export_dir: Where ``save_pretrained`` writes the final (EMA) transformer.
+        """
+        super().__init__(image_size, patch_size, 3, text_encoder, sampling)
+        self.save_hyperparameters()
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling={timestep_sampling!r}: allowed {TIMESTEP_SAMPLINGS}")
+        if not 0 <= text_dropout < 1:
+            raise ValueError(f"text_dropout={text_dropout}: must be in [0, 1)")
+        expected_in = 3 * patch_size**2
+        if transformer.get("in_channels") != expected_in:
+            raise ValueError(f"transformer.in_channels={transformer.get('in_channels')}: must be 3·patch_size² = {expected_in}")
+        tc = self.text_encoder.cfg
+        if (transformer.get("joint_attention_dim"), transformer.get("pooled_projection_dim")) != (tc.dim, tc.pooled_dim):
+            raise ValueError(
+                f"transformer joint_attention_dim/pooled_projection_dim must equal text_encoder dim/pooled_dim "
+                f"({tc.dim}, {tc.pooled_dim})"
+            )
+        if export_dir:
+            check_writable_dir(export_dir, "export_dir")
+        self.transformer = (
+            load_flux_transformer(init_from, transformer) if init_from else FluxTransformer2DModel(**transformer)
+        )
+
+    def sampling_model(self) -> torch.nn.Module:
+        return self.transformer
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        x0_BLD = self.images_to_tokens(batch["image"])
+        b = x0_BLD.shape[0]
+        keep = torch.rand(b) >= hp.text_dropout
+        prompts = [p if k else "" for p, k in zip(batch["prompt"], keep.tolist())]
+        tokens, pooled = self.encode_prompts(prompts)
+        sigma_B = sample_sigmas(b, hp.timestep_sampling, hp.timestep_shift, device=self.device)
+        noise_BLD = torch.randn_like(x0_BLD)
+        s = sigma_B[:, None, None]
+        x_t = (1 - s) * x0_BLD + s * noise_BLD
+        v_pred = self.call_transformer(self.transformer, x_t, sigma_B, tokens, pooled)
+        loss = F.mse_loss(v_pred.float(), (noise_BLD - x0_BLD).float())
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.transformer.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        warmup = max(1, hp.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        # Lightning's EMA callback has swapped the averaged weights in by now (on_train_end runs first).
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            self.transformer.save_pretrained(self.hparams.export_dir)
+            print(f"teacher exported to {self.hparams.export_dir}")
