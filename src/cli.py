@@ -14,12 +14,14 @@ from typing import Any
 from src.errors import UserError
 
 # name → "module:function"; each function's signature and docstring are its command line and --help.
-TOOLS: dict[str, str] = {}
+TOOLS: dict[str, str] = {
+    "evaluate": "evaluation.evaluate:evaluate",
+}
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def _lightning_cli(args: list[str]) -> None:
+def _lightning_cli(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     from src.training.mlflow_logging import MLflowLogger, MLflowSaveConfigCallback
@@ -38,6 +40,7 @@ def _lightning_cli(args: list[str]) -> None:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"logger": {"class_path": "src.training.mlflow_logging.MLflowLogger"}},
         auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in TRAINER_COMMANDS}},
         args=args,
     )
 
@@ -49,19 +52,61 @@ def _run_tool(name: str, args: list[str]) -> Any:
     return auto_cli(getattr(importlib.import_module(module), func), args=args, as_positional=False)
 
 
+def config_error_line(exc: BaseException) -> str:
+    """jsonargparse's nested, multi-line parse errors → the most specific line (the one naming the bad key)."""
+    lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip(" -")]
+    for marker in ("not accepted", "Unrecognized", "does not exist", "Does not validate", "Not a valid", "Expected"):
+        for line in lines:
+            if marker in line:
+                key = next((ln for ln in lines if ln.startswith("Parser key")), lines[0])
+                return f"{key.rstrip(':')}: {line}" if key != line else line
+    return lines[0] if lines else type(exc).__name__
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def user_facing_error(exc: BaseException) -> str | None:
+    """The one line to print for bad input, or None for a genuine bug (which keeps its traceback).
+
+    jsonargparse wraps errors raised while instantiating config classes (our ``UserError`` and the ``ValueError``
+    of config validation) in a multi-line ValueError chained to the original; the original is what users need.
+    """
+    cause = _root_cause(exc)
+    if isinstance(cause, UserError):
+        return str(cause)
+    if isinstance(exc, ValueError) and "Union subtypes" in str(exc) and isinstance(cause, ValueError):
+        return f"invalid configuration: {str(cause).strip().splitlines()[0]}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import ArgumentError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     try:
         if command in TOOLS:
             _run_tool(command, argv[1:])
         elif command in TRAINER_COMMANDS or command is None or command.startswith("-"):
-            _lightning_cli(argv)
+            _lightning_cli(argv if argv != sys.argv[1:] else None)
         else:
             known = ", ".join([*TRAINER_COMMANDS, *TOOLS])
             raise UserError(f"unknown command {command!r}; allowed: {known}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ArgumentError as exc:
+        print(f"error: invalid configuration: {config_error_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as exc:
+        message = user_facing_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

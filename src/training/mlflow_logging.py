@@ -128,6 +128,19 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         text = self.parser.dump(self.config, skip_none=False)
+        # Model and data arguments arrive as hyperparameters already; the trainer's settings are added here.
+        settings = {"seed_everything": self.config.get("seed_everything"), "trainer": self.config.get("trainer")}
+        params = {f"cfg/{k}": v for k, v in _flatten(settings).items() if k != "trainer/callbacks"}
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 logger.experiment.log_text(logger.run_id, text, "config.yaml")
+                logger.log_hyperparams(params)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if hasattr(tree, "items"):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        return out
+    return {prefix.rstrip("/"): tree}

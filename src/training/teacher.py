@@ -16,26 +16,10 @@ from diffusers import FluxTransformer2DModel
 
 from src.errors import UserError
 from src.models.flow import TIMESTEP_SAMPLINGS, sample_sigmas
-from src.models.text_encoder import TextEncoderConfig
-from src.training.base import FlowModule, SamplingConfig
-
-
-def load_flux_transformer(path: str, expected: dict[str, Any] | None = None) -> FluxTransformer2DModel:
-    """Load a dense FLUX transformer from a diffusers folder; one clear error when it is missing or mismatched."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise UserError(f"teacher checkpoint {path}: no diffusers config.json there (expected a save_pretrained folder)")
-    try:
-        model = FluxTransformer2DModel.from_pretrained(folder)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"teacher checkpoint {path} cannot be loaded: {first}") from None
-    if expected:
-        wrong = {k: (model.config[k], v) for k, v in expected.items() if k in model.config and model.config[k] != v}
-        if wrong:
-            parts = ", ".join(f"{k}={got!r} (config says {want!r})" for k, (got, want) in wrong.items())
-            raise UserError(f"teacher checkpoint {path} does not match the teacher config: {parts}")
-    return model
+from src.models.loading import load_transformer
+from src.models.pipeline import SamplingConfig, ShapesPipeline
+from src.models.text_encoder import HashTextEncoder, TextEncoderConfig
+from src.training.base import FlowModule
 
 
 def check_writable_dir(path: str, what: str) -> None:
@@ -84,7 +68,7 @@ class TeacherModule(FlowModule):
             init_from: Optional diffusers folder to start from instead of random weights.
             export_dir: Where ``save_pretrained`` writes the final (EMA) transformer.
         """
-        super().__init__(image_size, patch_size, 3, text_encoder, sampling)
+        super().__init__()
         self.save_hyperparameters()
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"timestep_sampling={timestep_sampling!r}: allowed {TIMESTEP_SAMPLINGS}")
@@ -92,9 +76,15 @@ class TeacherModule(FlowModule):
             raise ValueError(f"text_dropout={text_dropout}: must be in [0, 1)")
         expected_in = 3 * patch_size**2
         if transformer.get("in_channels") != expected_in:
-            raise ValueError(f"transformer.in_channels={transformer.get('in_channels')}: must be 3·patch_size² = {expected_in}")
+            raise ValueError(
+                f"transformer.in_channels={transformer.get('in_channels')}: must be 3·patch_size² = {expected_in}"
+            )
+        self.text_encoder = HashTextEncoder(text_encoder)
         tc = self.text_encoder.cfg
-        if (transformer.get("joint_attention_dim"), transformer.get("pooled_projection_dim")) != (tc.dim, tc.pooled_dim):
+        if (transformer.get("joint_attention_dim"), transformer.get("pooled_projection_dim")) != (
+            tc.dim,
+            tc.pooled_dim,
+        ):
             raise ValueError(
                 f"transformer joint_attention_dim/pooled_projection_dim must equal text_encoder dim/pooled_dim "
                 f"({tc.dim}, {tc.pooled_dim})"
@@ -102,24 +92,25 @@ class TeacherModule(FlowModule):
         if export_dir:
             check_writable_dir(export_dir, "export_dir")
         self.transformer = (
-            load_flux_transformer(init_from, transformer) if init_from else FluxTransformer2DModel(**transformer)
+            load_transformer(init_from, transformer) if init_from else FluxTransformer2DModel(**transformer)
         )
+        self.pipeline = ShapesPipeline(self.transformer, self.text_encoder, image_size, patch_size, sampling)
 
     def sampling_model(self) -> torch.nn.Module:
         return self.transformer
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        x0_BLD = self.images_to_tokens(batch["image"])
+        x0_BLD = self.pipeline.images_to_tokens(batch["image"])
         b = x0_BLD.shape[0]
         keep = torch.rand(b) >= hp.text_dropout
         prompts = [p if k else "" for p, k in zip(batch["prompt"], keep.tolist())]
-        tokens, pooled = self.encode_prompts(prompts)
+        tokens, pooled = self.pipeline.encode_prompts(prompts)
         sigma_B = sample_sigmas(b, hp.timestep_sampling, hp.timestep_shift, device=self.device)
         noise_BLD = torch.randn_like(x0_BLD)
         s = sigma_B[:, None, None]
         x_t = (1 - s) * x0_BLD + s * noise_BLD
-        v_pred = self.call_transformer(self.transformer, x_t, sigma_B, tokens, pooled)
+        v_pred = self.pipeline.velocity(x_t, sigma_B, tokens, pooled)
         loss = F.mse_loss(v_pred.float(), (noise_BLD - x0_BLD).float())
         self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -1,0 +1,61 @@
+"""Load a transformer from a diffusers folder (``save_pretrained`` output), with one clear error when it can't be.
+
+The class comes from the folder's ``config.json`` (``_class_name``): the dense ``FluxTransformer2DModel`` or the
+project's ``FluxMoETransformer2DModel``. ``expected`` config entries are checked, so a checkpoint that does not match
+the experiment's config is refused before anything is trained or overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from src.errors import UserError
+
+KNOWN_CLASSES = ("FluxTransformer2DModel", "FluxMoETransformer2DModel")
+
+
+def _model_class(name: str) -> type:
+    if name == "FluxTransformer2DModel":
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel
+    from src.models.flux_moe import FluxMoETransformer2DModel
+
+    return FluxMoETransformer2DModel
+
+
+def load_transformer(path: str | Path, expected: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"checkpoint {path}: no diffusers config.json there (expected a save_pretrained folder)")
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+    except json.JSONDecodeError as exc:
+        raise UserError(f"checkpoint {config_file}: not valid JSON ({exc.msg})") from None
+    if class_name not in KNOWN_CLASSES:
+        raise UserError(f"checkpoint {path}: model class {class_name!r} is not one of {', '.join(KNOWN_CLASSES)}")
+    try:
+        model = _model_class(class_name).from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise UserError(f"checkpoint {path} cannot be loaded: {first}") from None
+    if expected:
+        wrong = {
+            k: (model.config[k], v)
+            for k, v in expected.items()
+            if k in model.config and _norm(model.config[k]) != _norm(v)
+        }
+        if wrong:
+            parts = ", ".join(f"{k}={got!r} (config says {want!r})" for k, (got, want) in wrong.items())
+            raise UserError(f"checkpoint {path} does not match the config: {parts}")
+    return model
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,438 @@
+"""Mixture-of-Experts feed-forward layer: shared experts plus dropless token-choice top-k routed experts.
+
+One layer serves both seeds. Dense2MoE (arXiv 2510.09094) converts a dense FFN into "1S12E2A": one shared
+expert of a quarter of the FFN width, twelve routed experts of 1/16 each, top-2 (activated FFN 37.5 %, total
+parameters unchanged). The DSMoE recipe (arXiv 2512.01252) uses sigmoid gates, top-k renormalisation, a route
+scale of 2.0-2.5 and DeepSeek-V3's aux-loss-free balancing bias.
+
+Dispatch is the sorted grouped-GEMM pattern (research/moe-performance.md §3.5): the T·K (token, expert)
+pairs are stably sorted by expert, token rows gathered with ``index_select`` (``x[idx]`` has a ~5x slower
+backward on CPU), one grouped matmul per projection, the gate multiplied on the narrow hidden (exact, since
+the down projection is linear without bias) and ``index_add_`` back into the output. Shapes are static
+(N = T·K rows), counts come from a scatter-add and nothing reads a tensor value on the host: no GPU sync, no
+graph break, except in the split-loop fallback (``grouped_mm`` unavailable or widths misaligned).
+
+Legend: T tokens (all leading dims flattened), D model width, E routed experts, K top-k, N = T·K
+(token, expert) pairs, S shared experts, F_s shared expert width, F_e routed expert width, H up-projection
+width (F_e, or 2·F_e for SwiGLU).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "swiglu")
+GATES = ("softmax", "sigmoid")
+BALANCES = ("aux", "aux_free", "none")
+ROUTER_INITS = ("zeros", "normal", "centroids")
+_LAYOUT_RE = re.compile(r"(\d+)S(\d+)E(\d+)A")
+
+
+@dataclass
+class MoEConfig:
+    """Layout and routing of one MoE feed-forward layer (widths may be derived from the dense FFN width)."""
+
+    num_experts: int = 12
+    """Routed experts E (0 = shared experts only)."""
+    top_k: int = 2
+    """Routed experts per token K (0 = shared experts only); the layer's ``top_k`` can change at inference."""
+    num_shared: int = 1
+    """Shared experts S, always active (0 = none)."""
+    expert_width: int | None = None
+    """Hidden width F_e of each routed expert; None derives it from the dense FFN width (layout_widths)."""
+    shared_width: int | None = None
+    """Hidden width F_s of each shared expert; None derives it from the dense FFN width (layout_widths)."""
+    activation: str = "gelu_tanh"
+    """Expert activation: "gelu_tanh" (FLUX), "gelu", "silu" or "swiglu" (up-projection holds [gate; up])."""
+    gate: str = "softmax"
+    """Router score function: "softmax" over experts or per-expert "sigmoid" (DSMoE / DeepSeek-V3)."""
+    renormalize: bool = False
+    """Rescale the K selected gates of each token to sum to 1."""
+    route_scale: float = 1.0
+    """Factor on the routed output's gates (DSMoE uses 2.0-2.5 with sigmoid gates)."""
+    balance: str = "aux"
+    """Balancing: "aux" (Switch/GShard loss E·Σ f_i·P_i), "aux_free" (DeepSeek-V3 selection bias), "none"."""
+    aux_loss_weight: float = 1e-2
+    """Weight of the balance loss (Dense2MoE's λ_balance = 0.01); used when balance == "aux"."""
+    z_loss_weight: float = 0.0
+    """Weight of the router z-loss mean(logsumexp(logits)²) (ST-MoE); 0 = off."""
+    bias_update_rate: float = 1e-3
+    """Step size γ of the aux-loss-free bias update bias_e += γ·sign(mean_load − load_e)."""
+    router_init: str = "zeros"
+    """Initial router: "zeros", "normal" (std 0.02) or "centroids" (zeros until the conversion fills them)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "num_shared"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 0")
+        for name in ("expert_width", "shared_width"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name}={value!r}: must be a positive integer or None (derived)")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k}: must be <= num_experts={self.num_experts}")
+        if self.num_experts == 0 and self.num_shared == 0:
+            raise ValueError("num_experts=0 and num_shared=0: the layer needs at least one expert")
+        for name, allowed in (
+            ("activation", ACTIVATIONS),
+            ("gate", GATES),
+            ("balance", BALANCES),
+            ("router_init", ROUTER_INITS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: allowed values are {', '.join(allowed)}")
+        if not self.route_scale > 0:
+            raise ValueError(f"route_scale={self.route_scale!r}: must be > 0")
+        for name in ("aux_loss_weight", "z_loss_weight", "bias_update_rate"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+
+    @classmethod
+    def from_layout(cls, layout: str, **overrides) -> MoEConfig:
+        """Config for a named layout such as "1S12E2A", other fields from ``overrides``."""
+        num_shared, num_experts, top_k = parse_layout(layout)
+        return cls(num_shared=num_shared, num_experts=num_experts, top_k=top_k, **overrides)
+
+
+def parse_layout(name: str) -> tuple[int, int, int]:
+    """ "<S>S<E>E<K>A" → (num_shared, num_experts, top_k); "1S12E2A" → (1, 12, 2) (Dense2MoE's notation)."""
+    match = _LAYOUT_RE.fullmatch(name.strip()) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(
+            f"layout={name!r}: expected '<S>S<E>E<K>A' (S shared, E routed experts, top-K), e.g. '1S12E2A'"
+        )
+    num_shared, num_experts, top_k = (int(g) for g in match.groups())
+    if top_k > num_experts:
+        raise ValueError(f"layout={name!r}: top-k {top_k} exceeds the {num_experts} routed experts")
+    return num_shared, num_experts, top_k
+
+
+def layout_widths(ffn_width: int, num_shared: int, num_experts: int, shared_fraction: float = 0.25) -> tuple[int, int]:
+    """(shared_width, expert_width) splitting a dense FFN of width F with its parameter count preserved.
+
+    Each shared expert takes shared_fraction·F, the routed experts split the rest evenly: 1S12E2A on F gives
+    (F/4, F/16) (paper: expansion 4 → shared ratio 1 + 12 routed of ratio 0.25). Zero experts give width 0.
+    """
+    if ffn_width <= 0:
+        raise ValueError(f"ffn_width={ffn_width}: must be positive")
+    if not 0 < shared_fraction <= 1:
+        raise ValueError(f"shared_fraction={shared_fraction}: must be in (0, 1]")
+    shared_width = 0
+    if num_shared > 0:
+        exact = shared_fraction * ffn_width
+        shared_width = round(exact)
+        if shared_width == 0 or not math.isclose(shared_width, exact):
+            raise ValueError(
+                f"shared_fraction={shared_fraction}: times ffn_width={ffn_width} is not a whole width; "
+                "allowed: fractions giving an integer width"
+            )
+    rest = ffn_width - num_shared * shared_width
+    if rest < 0:
+        raise ValueError(
+            f"num_shared={num_shared}: {num_shared} shared experts of {shared_width} exceed ffn_width="
+            f"{ffn_width}; allowed: num_shared * shared_fraction <= 1"
+        )
+    if num_experts == 0:
+        if rest != 0:
+            raise ValueError(
+                f"num_experts=0 leaves {rest} of ffn_width={ffn_width} unused; allowed: num_experts > 0 or "
+                "num_shared * shared_fraction == 1"
+            )
+        return shared_width, 0
+    if rest == 0 or rest % num_experts != 0:
+        raise ValueError(
+            f"num_experts={num_experts}: the routed width {rest} (ffn_width={ffn_width} minus shared) "
+            f"does not split evenly; allowed: num_experts dividing {rest}"
+        )
+    return shared_width, rest // num_experts
+
+
+def _activate(h: Tensor, activation: str) -> Tensor:
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "silu":
+        return F.silu(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def grouped_mm_supported(dtype: torch.dtype, *widths: int) -> bool:
+    """Whether ``F.grouped_mm`` can run: torch >= 2.9 and every row stride a multiple of 16 bytes.
+
+    Eager CPU/CUDA accept fp32/fp16/bf16, but torch.compile's shape function (torch 2.13) accepts only bf16.
+    """
+    if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return all(w * itemsize % 16 == 0 for w in widths)
+
+
+class MoEFeedForward(nn.Module):
+    """Shared experts (one fused dense MLP) + top-k routed experts; x (..., D) → (..., D)."""
+
+    def __init__(self, dim: int, cfg: MoEConfig, out_bias: bool = True, ffn_width: int | None = None) -> None:
+        """``ffn_width`` (default 4·dim) is the dense FFN width that unset expert widths are derived from."""
+        super().__init__()
+        if dim <= 0:
+            raise ValueError(f"dim={dim}: must be positive")
+        self.dim = dim
+        self.cfg = cfg
+        self.num_shared = cfg.num_shared
+        self.num_experts = cfg.num_experts
+        shared_width, expert_width = cfg.shared_width, cfg.expert_width
+        if shared_width is None or expert_width is None:
+            derived = layout_widths(ffn_width or 4 * dim, cfg.num_shared, cfg.num_experts)
+            shared_width = derived[0] if shared_width is None else shared_width
+            expert_width = derived[1] if expert_width is None else expert_width
+        self.shared_width = shared_width if self.num_shared else 0
+        self.expert_width = expert_width if self.num_experts else 0
+        glu = 2 if cfg.activation == "swiglu" else 1
+        S, E, F_s, F_e = self.num_shared, self.num_experts, self.shared_width, self.expert_width
+
+        self.shared_up = nn.Linear(dim, glu * S * F_s) if S else None
+        self.shared_down = nn.Linear(S * F_s, dim, bias=False) if S else None
+        self.router = nn.Linear(dim, E, bias=False) if E else None
+        self.w_up = nn.Parameter(torch.empty(E, dim, glu * F_e)) if E else None
+        self.b_up = nn.Parameter(torch.empty(E, glu * F_e)) if E else None
+        self.w_down = nn.Parameter(torch.empty(E, F_e, dim)) if E else None
+        # The dense FFN's down-projection bias, applied once whatever top_k is (also top_k == 0).
+        self.out_bias = nn.Parameter(torch.zeros(dim)) if out_bias else None
+        # DeepSeek-V3: the bias shifts which experts are selected, never the gate values.
+        self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
+        # Assignments since the last update_expert_bias: sums gradient-accumulation micro-batches (activation
+        # checkpointing recomputes double them all alike, which leaves sign(mean - load) unchanged).
+        self.register_buffer("pending_counts", torch.zeros(E, dtype=torch.long), persistent=False)
+
+        self.top_k = cfg.top_k
+        # Every selected expert's gate is exactly 1.0 (checks that top_k = E reproduces the dense FFN).
+        self.constant_gates = False
+        # Use F.grouped_mm when torch and the widths allow it; False forces the split-loop fallback.
+        self.use_grouped_mm = True
+        self.aux_loss: Tensor = torch.zeros(())
+        self.last_counts: Tensor = torch.zeros(E, dtype=torch.long)
+        self.last_probs_mean: Tensor = torch.zeros(E)
+        self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # module.to(bf16) must not round the selection bias: its γ-sized steps would vanish in bf16.
+        if self.expert_bias.is_floating_point() and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return self
+
+    @property
+    def top_k(self) -> int:
+        return self._top_k
+
+    @top_k.setter
+    def top_k(self, k: int) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.num_experts:
+            raise ValueError(f"top_k={k!r}: must be an integer in [0, num_experts={self.num_experts}]")
+        self._top_k = k
+
+    @property
+    def activated_width(self) -> int:
+        """FFN hidden width one token activates: S·F_s + K·F_e."""
+        return self.num_shared * self.shared_width + self.top_k * self.expert_width
+
+    @property
+    def total_width(self) -> int:
+        """FFN hidden width over all experts: S·F_s + E·F_e (= the dense FFN width after conversion)."""
+        return self.num_shared * self.shared_width + self.num_experts * self.expert_width
+
+    def reset_parameters(self) -> None:
+        """nn.Linear-style uniform init for the experts; router per ``cfg.router_init``."""
+        if self.num_experts == 0:
+            return
+        with torch.no_grad():
+            bound_up = 1 / math.sqrt(self.dim)
+            self.w_up.uniform_(-bound_up, bound_up)
+            self.b_up.uniform_(-bound_up, bound_up)
+            bound_down = 1 / math.sqrt(self.expert_width)
+            self.w_down.uniform_(-bound_down, bound_down)
+            if self.cfg.router_init == "normal":
+                self.router.weight.normal_(std=0.02)
+            else:  # "zeros", or "centroids" which the conversion code writes later
+                self.router.weight.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, shared={self.num_shared}x{self.shared_width}, "
+            f"experts={self.num_experts}x{self.expert_width}, top_k={self.top_k}, "
+            f"activation={self.cfg.activation}, gate={self.cfg.gate}, balance={self.cfg.balance}"
+        )
+
+    def expert_matmul_path(self, dtype: torch.dtype) -> str:
+        """Which grouped-matmul implementation the routed experts use for ``dtype``."""
+        glu = 2 if self.cfg.activation == "swiglu" else 1
+        widths = (self.dim, glu * self.expert_width, self.expert_width)
+        if self.use_grouped_mm and grouped_mm_supported(dtype, *widths):
+            return "torch.nn.functional.grouped_mm"
+        return "split loop over experts (fallback)"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"input width {x.shape[-1]} does not match the layer's dim={self.dim}")
+        x_TD = x.reshape(-1, self.dim)
+        dtype = _compute_dtype(x_TD)
+        out_TD = self._shared(x_TD, dtype)
+        if self.top_k > 0:
+            self._routed(x_TD, out_TD, dtype)
+        else:
+            self.aux_loss = x_TD.new_zeros((), dtype=torch.float32)
+            self.last_counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+            self.last_probs_mean = torch.zeros(self.num_experts, device=x.device)
+        return out_TD.view(x.shape)
+
+    def _shared(self, x_TD: Tensor, dtype: torch.dtype) -> Tensor:
+        if self.shared_up is None:
+            out_TD = x_TD.new_zeros(x_TD.shape, dtype=dtype)
+            return out_TD if self.out_bias is None else out_TD + self.out_bias.to(dtype)
+        h = _activate(self.shared_up(x_TD), self.cfg.activation)
+        # The output bias rides in the shared down-projection's addmm for free.
+        return F.linear(h, self.shared_down.weight, self.out_bias)
+
+    def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Router → (logits_ET, scores_ET, gates_TK, topk_idx_TK), computed in fp32 also under autocast.
+
+        fp32 because bf16 logits flip near-tied choices. Expert-major (E, T) logits because on CPU the E-wide
+        GEMM and the softmax run ~2x and ~15x faster across tokens (E = 12 is too narrow to vectorise along).
+        """
+        cfg, K = self.cfg, self.top_k
+        device_type = x_TD.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                logits_ET = torch.mm(self.router.weight.float(), x_TD.float().T)
+        else:
+            logits_ET = torch.mm(self.router.weight.float(), x_TD.float().T)
+        scores_ET = logits_ET.softmax(dim=0) if cfg.gate == "softmax" else logits_ET.sigmoid()
+        scores_TE = scores_ET.T
+        if cfg.balance == "aux_free":
+            topk_idx_TK = torch.topk(scores_TE + self.expert_bias, K, dim=-1, sorted=False).indices
+            gates_TK = scores_TE.gather(1, topk_idx_TK)
+        else:
+            gates_TK, topk_idx_TK = torch.topk(scores_TE, K, dim=-1, sorted=False)
+        if cfg.renormalize:
+            gates_TK = gates_TK / (gates_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.route_scale != 1.0:
+            gates_TK = gates_TK * cfg.route_scale
+        if self.constant_gates:
+            gates_TK = torch.ones_like(gates_TK)
+        return logits_ET, scores_ET, gates_TK, topk_idx_TK
+
+    def _routed(self, x_TD: Tensor, out_TD: Tensor, dtype: torch.dtype) -> None:
+        cfg, E, K = self.cfg, self.num_experts, self.top_k
+        logits_ET, scores_ET, gates_TK, topk_idx_TK = self.route(x_TD)
+
+        expert_N = topk_idx_TK.reshape(-1)
+        order_N = torch.argsort(expert_N, stable=True)
+        token_N = torch.div(order_N, K, rounding_mode="floor")
+        sorted_expert_N = expert_N.index_select(0, order_N)
+        gate_N = gates_TK.reshape(-1).index_select(0, order_N)
+        # Scatter-add, not bincount: static output shape, so torch.compile keeps one graph.
+        counts_E = torch.zeros(E, dtype=torch.long, device=x_TD.device)
+        counts_E.scatter_add_(0, expert_N, torch.ones_like(expert_N))
+        offs_E = counts_E.cumsum(0, dtype=torch.int32)
+
+        x_ND = x_TD.to(dtype).index_select(0, token_N)
+        h_NH = self._expert_matmul(x_ND, self.w_up.to(dtype), counts_E, offs_E)
+        h_NH.add_(self.b_up.to(dtype).index_select(0, sorted_expert_N))
+        h_NF = _activate(h_NH, cfg.activation)
+        gate_N1 = gate_N.to(dtype).unsqueeze(-1)
+        # In place when nothing needs the ungated hidden for a backward (inference).
+        h_NF = h_NF * gate_N1 if h_NF.requires_grad or gate_N1.requires_grad else h_NF.mul_(gate_N1)
+        y_ND = self._expert_matmul(h_NF, self.w_down.to(dtype), counts_E, offs_E)
+        out_TD.index_add_(0, token_N, y_ND)
+
+        self._record(logits_ET, scores_ET, counts_E, expert_N.numel())
+
+    def _expert_matmul(self, a_NX: Tensor, w_EXY: Tensor, counts_E: Tensor, offs_E: Tensor) -> Tensor:
+        if self.use_grouped_mm and grouped_mm_supported(a_NX.dtype, a_NX.shape[1], w_EXY.shape[2]):
+            return F.grouped_mm(a_NX, w_EXY, offs=offs_E)
+        # Fallback for torch < 2.9 or misaligned widths; the host needs the group sizes (a sync on GPU).
+        chunks = a_NX.split(counts_E.tolist())
+        return torch.cat([chunk @ w_EXY[e] for e, chunk in enumerate(chunks)])
+
+    def _record(self, logits_ET: Tensor, scores_ET: Tensor, counts_E: Tensor, assignments: int) -> None:
+        cfg = self.cfg
+        probs_ET = scores_ET if cfg.gate == "softmax" else scores_ET / scores_ET.sum(dim=0, keepdim=True)
+        probs_mean_E = probs_ET.mean(dim=1)
+        self.last_counts = counts_E.detach()
+        self.last_probs_mean = probs_mean_E.detach()
+        aux_loss = logits_ET.new_zeros(())
+        if self.training:
+            if cfg.balance == "aux" and cfg.aux_loss_weight > 0:
+                # Switch/GShard: E·Σ f_i·P_i, f_i the fraction of the T·K assignments (no gradient), P_i the
+                # mean router probability; equals 1 at perfect balance.
+                fraction_E = counts_E.float() / assignments
+                aux_loss = aux_loss + cfg.aux_loss_weight * self.num_experts * (fraction_E * probs_mean_E).sum()
+            if cfg.z_loss_weight > 0:
+                aux_loss = aux_loss + cfg.z_loss_weight * logits_ET.logsumexp(dim=0).square().mean()
+            if cfg.balance == "aux_free":
+                self.pending_counts += counts_E.detach()
+        self.aux_loss = aux_loss
+
+    def load_stats(self) -> dict[str, Tensor]:
+        """Last forward's load: counts, load fraction, max/mean load (1 = balanced), router entropy (nats)."""
+        if self.num_experts == 0:
+            return {}
+        counts_E = self.last_counts.float()
+        probs_E = self.last_probs_mean.float().clamp_min(1e-12)
+        probs_E = probs_E / probs_E.sum()
+        return {
+            "counts": self.last_counts,
+            "load_fraction": counts_E / counts_E.sum().clamp_min(1),
+            "max_over_mean_load": counts_E.max() / counts_E.mean().clamp_min(1e-12),
+            "router_entropy": -(probs_E * probs_E.log()).sum(),
+        }
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts_E: Tensor | None = None) -> None:
+        """DeepSeek-V3 aux-loss-free step bias_e += γ·sign(mean_load − load_e); no-op unless "aux_free".
+
+        Call after the optimizer step. ``counts_E`` (e.g. ``pending_counts`` all-reduced over DDP ranks)
+        defaults to this rank's ``pending_counts``, the assignments since the previous call; they are reset.
+        """
+        if self.cfg.balance != "aux_free" or self.num_experts == 0:
+            return
+        counts = self.pending_counts if counts_E is None else counts_E
+        load_E = counts.to(device=self.expert_bias.device, dtype=torch.float32)
+        self.expert_bias.add_(self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E))
+        self.pending_counts.zero_()
+
+
+def moe_layers(module: nn.Module) -> list[MoEFeedForward]:
+    """All MoE layers inside ``module`` (in ``modules()`` order)."""
+    return [m for m in module.modules() if isinstance(m, MoEFeedForward)]
+
+
+def total_aux_loss(module: nn.Module) -> Tensor:
+    """Sum of the layers' weighted balance + z-losses from their last forward (a zero scalar if none)."""
+    losses = [layer.aux_loss for layer in moe_layers(module)]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).sum()
+
+
+def set_top_k(module: nn.Module, top_k: int) -> None:
+    """Set the routed top-k of every MoE layer (paper: top-k can change at inference without retraining)."""
+    for layer in moe_layers(module):
+        layer.top_k = top_k

@@ -1,0 +1,119 @@
+"""Text-to-image sampling for a FLUX-architecture transformer in the shapes world (pixel tokens, hash text encoder).
+
+The counterpart of ``diffusers.FluxPipeline`` for the embedded world: same transformer call, same rectified-flow
+Euler sampler, with the project's frozen text encoder instead of T5 + CLIP and 4×4 pixel patches instead of VAE
+latents. Noise is fixed per sample by a seed, so teacher and student images of the same (prompt, seed) are
+comparable. Legend: B batch, L image tokens, D packed token width, T text tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from src.models.flow import euler_sample, fixed_noise, image_ids, pack, text_ids, to_uint8, unpack
+from src.models.text_encoder import HashTextEncoder, TextEncoderConfig
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 20
+    """Euler steps from σ = 1 to 0."""
+    cfg_scale: float = 4.0
+    """Classifier-free guidance scale (1 = no guidance, conditional branch only)."""
+    shift: float = 1.0
+    """FLUX timestep shift of the sampling schedule."""
+    guidance: float = 3.5
+    """Value fed to a guidance-distilled transformer's guidance embedding (ignored without ``guidance_embeds``)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"sampling.steps={self.steps}: must be >= 1")
+        if self.cfg_scale < 0:
+            raise ValueError(f"sampling.cfg_scale={self.cfg_scale}: must be >= 0")
+
+
+class ShapesPipeline:
+    """Prompt → image for a transformer whose ``in_channels`` = 3·patch² (pixels packed patch × patch)."""
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        text_encoder: HashTextEncoder | None = None,
+        image_size: int = 32,
+        patch_size: int | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> None:
+        cfg = transformer.config
+        self.transformer = transformer
+        self.patch_size = patch_size or int(math.isqrt(cfg.in_channels // 3))
+        if 3 * self.patch_size**2 != cfg.in_channels or image_size % self.patch_size:
+            raise ValueError(
+                f"transformer in_channels={cfg.in_channels} / image_size={image_size} do not fit 3-channel "
+                f"{self.patch_size}×{self.patch_size} pixel patches"
+            )
+        self.image_size = image_size
+        self.text_encoder = text_encoder or HashTextEncoder(
+            TextEncoderConfig(dim=cfg.joint_attention_dim, pooled_dim=cfg.pooled_projection_dim)
+        )
+        self.sampling = sampling or SamplingConfig()
+
+    @property
+    def tokens_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens_BTC, pooled_BP = self.text_encoder(prompts)
+        return tokens_BTC.to(self.device), pooled_BP.to(self.device)
+
+    def images_to_tokens(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return pack(images_BCHW, self.patch_size)
+
+    def velocity(
+        self,
+        x_BLD: torch.Tensor,
+        sigma_B: torch.Tensor,
+        tokens_BTC: torch.Tensor,
+        pooled_BP: torch.Tensor,
+        transformer: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """One FLUX forward: velocity prediction for noisy tokens at noise level σ."""
+        model = transformer or self.transformer
+        n = self.tokens_per_side
+        guidance = None
+        if getattr(model.config, "guidance_embeds", False):
+            guidance = torch.full_like(sigma_B, self.sampling.guidance)
+        return model(
+            hidden_states=x_BLD,
+            encoder_hidden_states=tokens_BTC,
+            pooled_projections=pooled_BP,
+            timestep=sigma_B,
+            img_ids=image_ids(n, n, x_BLD.device),
+            txt_ids=text_ids(tokens_BTC.shape[1], x_BLD.device),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], seeds: list[int], transformer: nn.Module | None = None) -> np.ndarray:
+        """Images (B, H, W, 3) uint8, noise fixed by the per-sample seeds."""
+        s = self.sampling
+        noise_BLD = fixed_noise((self.tokens_per_side**2, 3 * self.patch_size**2), seeds, self.device)
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([""] * len(prompts))
+
+        def velocity(x_BLD, sigma_B, conditional):
+            tokens, pooled = cond if conditional else uncond
+            return self.velocity(x_BLD, sigma_B, tokens, pooled, transformer)
+
+        x_BLD = euler_sample(velocity, noise_BLD, s.steps, s.cfg_scale, s.shift)
+        images = unpack(x_BLD.float(), self.patch_size, self.image_size, self.image_size)
+        return to_uint8(images).numpy()
