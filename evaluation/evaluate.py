@@ -1,106 +1,283 @@
 """``python -m src.cli evaluate``: generate → detect → score (GenEval rules) → results.jsonl, summary, MLflow.
 
-The shapes detector (classical, no weights) scores the embedded world; the real GenEval detector path
-(Mask2Former + CLIP colours) plugs into the same scorer.
+Two generators: the shapes world (``--model`` a transformer folder, e.g. checkpoints/teacher_tiny) and diffusers'
+FluxPipeline (``--model`` a pipeline folder or hub id, optionally ``--transformer`` an exported student). Scorers:
+the classical shapes detector, real GenEval (Mask2Former + CLIP colours), CLIP score, and fidelity to a reference
+run generated from the same noise. Models that need weights load before generation, so missing weights fail in
+seconds with one line, not after hours of sampling; results.jsonl and summary.json are written only after every
+score is computed (stale ones are removed when scoring starts).
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from evaluation.generate import generate_images, iter_samples, load_prompt_set
+from evaluation.clip_score import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, clip_score_summary, clip_scores
+from evaluation.generate import generate_images, is_flux_pipeline, iter_samples, load_prompt_set, resolve_device
 from evaluation.geneval import format_summary, result_record, summarize, write_results_jsonl
+from evaluation.real_geneval import DEFAULT_DETECTOR
 from src.errors import UserError
 
-DETECTORS = ("shapes",)
+DETECTORS = ("shapes", "geneval", "none")
+METRIC_PREFIX = {"shapes": "geneval_shapes", "geneval": "geneval"}
 
 
-def score_folder(out: str | Path, detector: str = "shapes") -> tuple[list[dict], dict]:
-    """Score every image of a GenEval-layout folder; writes results.jsonl and summary.json next to the images."""
-    from evaluation.shapes_detector import evaluate_shapes_image
+def _progress(label: str, total: int) -> Progress:
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, disable=not total)
 
-    if detector not in DETECTORS:
-        raise UserError(f"detector={detector!r}: allowed {', '.join(DETECTORS)}")
-    out = Path(out)
-    records = []
-    for filename, meta, path in iter_samples(out):
-        image = np.asarray(Image.open(path).convert("RGB"))
-        correct, reason, detections = evaluate_shapes_image(image, meta)
-        records.append(result_record(filename, meta, correct, reason, detections))
-    if not records:
+
+def _load_images(paths: list[Path]) -> list[np.ndarray]:
+    return [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+
+
+def score_folder(out: str | Path, detector: str = "shapes", scorer=None, batch_size: int = 8) -> tuple[list, dict]:
+    """Score every image of a GenEval-layout folder: (results.jsonl records, GenEval summary); writes nothing.
+
+    ``scorer(images, metadata) -> [(correct, reason, detections)]`` defaults to the shapes detector.
+    """
+    if detector not in METRIC_PREFIX:
+        raise UserError(f"detector={detector!r}: allowed {', '.join(METRIC_PREFIX)}")
+    if scorer is None:
+        from evaluation.shapes_detector import evaluate_shapes_image
+
+        def scorer(images, metadata):
+            return [evaluate_shapes_image(image, meta) for image, meta in zip(images, metadata)]
+
+    samples = iter_samples(out)
+    if not samples:
         raise UserError(f"{out}: no images in GenEval layout (<out>/<%05d>/samples/<%04d>.png)")
-    summary = summarize(records)
-    write_results_jsonl(out / "results.jsonl", records)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return records, summary
+    records = []
+    with _progress(f"geneval ({detector})", len(samples)) as progress:
+        task = progress.add_task("score", total=len(samples))
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            verdicts = scorer(_load_images([path for _, _, path in chunk]), [meta for _, meta, _ in chunk])
+            for (filename, meta, _), (correct, reason, detections) in zip(chunk, verdicts):
+                records.append(result_record(filename, meta, correct, reason, detections))
+            progress.advance(task, len(chunk))
+    return records, summarize(records)
 
 
-def failure_grid(records: list[dict], out: Path, limit: int = 32) -> np.ndarray | None:
-    """The first ``limit`` failed images (upscaled) as one grid; their reasons go to a text artifact."""
-    from src.training.base import image_grid
+def clip_score_folder(out: str | Path, clip, batch_size: int = 32) -> tuple[list[dict], dict]:
+    """Per-image CLIP score records ({"filename", "tag", "clip_score"}) and their summary (mean, per task)."""
+    samples = iter_samples(out)
+    records = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        scores = clip_scores(clip, _load_images([p for _, _, p in chunk]), [m["prompt"] for _, m, _ in chunk])
+        records += [{"filename": f, "tag": m["tag"], "clip_score": float(s)} for (f, m, _), s in zip(chunk, scores)]
+    return records, clip_score_summary((r["tag"], r["clip_score"]) for r in records)
 
-    failed = [r for r in records if not r["correct"]][:limit]
-    if not failed:
+
+def failure_grid(records: list[dict], out: Path, limit: int = 24, tile: int = 192, cols: int = 6) -> np.ndarray | None:
+    """Up to ``limit`` failed images, taken round-robin over tasks, each captioned with GenEval's reason."""
+    by_task: dict[str, list[dict]] = {}
+    for record in records:
+        if not record["correct"]:
+            by_task.setdefault(record["tag"], []).append(record)
+    picked = []
+    while len(picked) < limit and any(by_task.values()):
+        for failures in by_task.values():
+            if failures and len(picked) < limit:
+                picked.append(failures.pop(0))
+    if not picked:
         return None
-    return image_grid([np.asarray(Image.open(out / r["filename"]).convert("RGB")) for r in failed])
+    font = ImageFont.load_default()
+    caption_h = 64
+    rows = (len(picked) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * (tile + 4) + 4, rows * (tile + caption_h + 4) + 4), "white")
+    draw = ImageDraw.Draw(grid)
+    for n, record in enumerate(picked):
+        image = Image.open(out / record["filename"]).convert("RGB")
+        # Nearest keeps 32-pixel shapes crisp; real images are downsampled smoothly.
+        resample = Image.NEAREST if image.width < tile else Image.BILINEAR
+        x, y = 4 + (n % cols) * (tile + 4), 4 + (n // cols) * (tile + caption_h + 4)
+        grid.paste(image.resize((tile, tile), resample), (x, y))
+        text = f"{record['tag']}: {record['prompt']}\n{record['reason'].replace(chr(10), '; ')}"
+        lines = [part for line in text.splitlines() for part in textwrap.wrap(line, 34)][:5]
+        draw.multiline_text((x, y + tile + 2), "\n".join(lines), fill="black", font=font, spacing=1)
+    return np.asarray(grid)
+
+
+def _cost(transformer, **tokens) -> dict[str, float]:
+    """Activated/total parameters and forward FLOPs per image per step, logged so runs can be compared."""
+    from src.models.accounting import count_params, flops_per_image
+
+    params = count_params(transformer)
+    return {
+        "params/activated": float(params["activated"]),
+        "params/activated_without_modulation": float(params["activated_without_modulation"]),
+        "params/total": float(params["total"]),
+        "flops": float(flops_per_image(transformer, **tokens)["total"]),
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def evaluate(
     model: str = "checkpoints/teacher_tiny",
-    prompts: str = "shapes-heldout",
+    prompts: str | None = None,
     out: str | None = None,
     images_per_prompt: int = 4,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     seed: int = 0,
-    steps: int = 20,
+    steps: int | None = None,
     cfg_scale: float = 4.0,
     image_size: int = 32,
+    transformer: str | None = None,
+    height: int = 1024,
+    width: int = 1024,
+    guidance: float = 3.5,
+    max_sequence_length: int = 512,
     top_k: int | None = None,
-    detector: str = "shapes",
+    detector: str | None = None,
+    detector_model: str = DEFAULT_DETECTOR,
+    clip_score: bool = False,
+    clip_model: str = DEFAULT_CLIP_MODEL,
+    clip_pretrained: str = DEFAULT_CLIP_PRETRAINED,
+    reference: str | None = None,
     limit: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
     experiment_name: str = "evaluation",
     run_name: str | None = None,
     tracking_uri: str | None = None,
     log_mlflow: bool = True,
     threads: int | None = None,
 ) -> dict:
-    """Generate images for a prompt set with a model and score them with GenEval's rules.
+    """Generate images for a prompt set with a model and score them (GenEval rules, CLIP score, fidelity).
 
     Args:
-        model: A diffusers folder (the teacher, or an exported student).
-        prompts: "shapes-heldout" (553 held-out compositions, GenEval's task counts), "geneval", or a .txt/.jsonl file.
+        model: A transformer folder of the shapes world (the teacher, or an exported student), or a diffusers
+            FluxPipeline folder / hub id (e.g. a local FLUX.1-dev).
+        prompts: "shapes-heldout" (553 held-out compositions, GenEval's task counts), "geneval" (GenEval's 553
+            prompts), or a .txt/.jsonl file. Default: shapes-heldout for the shapes world, geneval for FLUX.
         out: Output folder in GenEval's layout (default outputs/eval/<model folder name>).
         images_per_prompt: Images per prompt (GenEval uses 4).
-        batch_size: Images generated per batch.
+        batch_size: Images generated per batch (default 64 shapes world, 4 FLUX).
         seed: Noise seed; image k of prompt i always gets the same noise for every model.
-        steps: Euler sampling steps.
-        cfg_scale: Classifier-free guidance scale.
+        steps: Sampling steps (default 20 shapes world, 28 FLUX).
+        cfg_scale: Classifier-free guidance scale (shapes world).
         image_size: Image side in pixels (shapes world).
+        transformer: FLUX only: a save_pretrained transformer folder (an exported student) replacing the
+            pipeline's own.
+        height: FLUX image height in pixels.
+        width: FLUX image width in pixels.
+        guidance: FLUX guidance-embedding value (FLUX.1-dev is guidance-distilled: no classifier-free guidance).
+        max_sequence_length: FLUX T5 prompt tokens (capped at the tokenizer's limit).
         top_k: Routed experts per token at inference for an MoE model (None = as trained).
-        detector: "shapes" (the classical shapes-world detector).
+        detector: "shapes" (classical shapes-world detector), "geneval" (Mask2Former + CLIP colours) or "none".
+            Default: shapes for the shapes world, geneval for FLUX.
+        detector_model: Mask2Former (COCO instance segmentation) hub id or local folder, for detector=geneval.
+        clip_score: Also compute the CLIP score (100 · max(cos, 0), mean over images and per task).
+        clip_model: open_clip architecture for colours and CLIP score: a built-in name, a model-config .json,
+            local-dir:/folder or hf-hub:org/repo.
+        clip_pretrained: open_clip weights: a tag ("openai") or a checkpoint path.
+        reference: Another evaluate output folder (same prompts and seed, e.g. the teacher's) for fidelity:
+            PSNR, SSIM and LPIPS on same-noise pairs.
         limit: Only the first N prompts (quick looks).
+        device: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+        dtype: FLUX weights dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
         experiment_name: MLflow experiment.
         run_name: MLflow run name (default: the output folder name).
         tracking_uri: MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
         log_mlflow: Log metrics and artifacts to MLflow.
         threads: torch CPU threads (default: torch's choice).
     """
+    if threads:
+        torch.set_num_threads(threads)
+    flux = transformer is not None or is_flux_pipeline(model)
+    detector = detector or ("geneval" if flux else "shapes")
+    if detector not in DETECTORS:
+        raise UserError(f"detector={detector!r}: allowed {', '.join(DETECTORS)}")
+    target = resolve_device(device)
+    metadata = load_prompt_set(prompts or ("geneval" if flux else "shapes-heldout"), image_size)[:limit]
+    out_dir = Path(out or f"outputs/eval/{Path(transformer or model).name}")
+    if reference is not None:
+        from evaluation.fidelity import check_reference
+
+        check_reference(reference, metadata, seed, images_per_prompt)
+
+    # Scoring models load first, on the CPU: missing weights fail here, before any sampling.
+    clip = scorer = None
+    if clip_score or detector == "geneval":
+        from evaluation.clip_score import load_open_clip
+
+        clip = load_open_clip(clip_model, clip_pretrained)
+    if detector == "geneval":
+        from evaluation.real_geneval import GenEvalScorer
+
+        scorer = GenEvalScorer.load(detector_model, clip=clip)
+
+    if flux:
+        generator, info, cost = _flux_generator(
+            model, transformer, dtype, target, height, width, steps or 28, guidance, max_sequence_length, top_k
+        )
+    else:
+        generator, info, cost = _shapes_generator(model, image_size, steps or 20, cfg_scale, top_k, target)
+    info.update(seed=seed, images_per_prompt=images_per_prompt, detector=detector, prompts=prompts or "default")
+    started = time.perf_counter()
+    batch = batch_size or (4 if flux else 64)
+    generated = generate_images(generator, metadata, out_dir, images_per_prompt, batch, seed, info)
+    seconds = time.perf_counter() - started
+    del generator
+    gc.collect()
+    if target.type == "cuda":
+        torch.cuda.empty_cache()
+
+    for stale in ("results.jsonl", "summary.json", "clip_scores.jsonl"):
+        (out_dir / stale).unlink(missing_ok=True)
+    records, summary = [], {}
+    if scorer is not None:
+        scorer.to(target)
+    if detector != "none":
+        records, summary = score_folder(out_dir, detector, scorer)
+    summary = {**summary, "detector": detector, "images": len(iter_samples(out_dir))}
+    if clip_score:
+        clip_records, summary["clip_score"] = clip_score_folder(out_dir, clip.to(target))
+        _atomic_write(out_dir / "clip_scores.jsonl", "".join(json.dumps(r) + "\n" for r in clip_records))
+    if reference is not None:
+        from evaluation.fidelity import fidelity_folders
+
+        summary["fidelity"] = fidelity_folders(out_dir, reference, target)
+    summary["cost"] = cost
+    if generated:
+        summary["latency"] = {"generate_s_per_image": seconds / generated}
+    if records:
+        write_results_jsonl(out_dir / "results.jsonl.tmp", records)
+        os.replace(out_dir / "results.jsonl.tmp", out_dir / "results.jsonl")
+    _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+
+    if records:
+        print(format_summary(summary))
+    for line in _extra_lines(summary):
+        print(line)
+    print(f"generated {generated} images in {seconds:.1f} s; results in {out_dir}")
+    if log_mlflow:
+        _log_to_mlflow(summary, records, out_dir, experiment_name, run_name or out_dir.name, tracking_uri, info)
+    return summary
+
+
+def _shapes_generator(model: str, image_size: int, steps: int, cfg_scale: float, top_k: int | None, device):
     from src.models.loading import load_transformer
     from src.models.pipeline import SamplingConfig, ShapesPipeline
 
-    if threads:
-        torch.set_num_threads(threads)
-    if detector not in DETECTORS:
-        raise UserError(f"detector={detector!r}: allowed {', '.join(DETECTORS)}")
-    metadata = load_prompt_set(prompts, image_size)[:limit]
-    out_dir = Path(out or f"outputs/eval/{Path(model).name}")
-    transformer = load_transformer(model).eval()
+    transformer = load_transformer(model).eval().to(device)
     if top_k is not None:
         from src.models.flux_moe import set_top_k
 
@@ -108,16 +285,61 @@ def evaluate(
     pipeline = ShapesPipeline(
         transformer, image_size=image_size, sampling=SamplingConfig(steps=steps, cfg_scale=cfg_scale)
     )
-    info = {"model": str(model), "steps": steps, "cfg_scale": cfg_scale, "top_k": top_k}
-    started = time.perf_counter()
-    generated = generate_images(pipeline, metadata, out_dir, images_per_prompt, batch_size, seed, info)
-    seconds = time.perf_counter() - started
-    records, summary = score_folder(out_dir, detector)
-    print(format_summary(summary))
-    print(f"generated {generated} images in {seconds:.1f} s; results in {out_dir}/results.jsonl")
-    if log_mlflow:
-        _log_to_mlflow(summary, records, out_dir, experiment_name, run_name or out_dir.name, tracking_uri, info)
-    return summary
+    text_len = pipeline.encode_prompts([""])[0].shape[1]
+    cost = _cost(transformer, image_tokens=pipeline.tokens_per_side**2, text_len=text_len)
+    info = {"model": str(model), "steps": steps, "cfg_scale": cfg_scale, "top_k": top_k, "image_size": image_size}
+    return pipeline, info, cost
+
+
+def _flux_generator(model, transformer, dtype, device, height, width, steps, guidance, max_sequence_length, top_k):
+    from evaluation.generate import FluxGenerator, load_flux_pipeline
+
+    pipeline = load_flux_pipeline(model, transformer, dtype, str(device))
+    if top_k is not None:
+        from src.models.flux_moe import set_top_k
+
+        set_top_k(pipeline.transformer, top_k)
+    generator = FluxGenerator(pipeline, height, width, steps, guidance, max_sequence_length)
+    cost = _cost(pipeline.transformer, image_tokens=generator.image_tokens, text_len=generator.max_sequence_length)
+    info = {
+        "model": str(model),
+        "transformer": transformer,
+        "steps": steps,
+        "guidance": guidance,
+        "height": height,
+        "width": width,
+        "max_sequence_length": generator.max_sequence_length,
+        "top_k": top_k,
+        "dtype": str(pipeline.transformer.dtype).removeprefix("torch."),
+    }
+    return generator, info, cost
+
+
+def _extra_lines(summary: dict) -> list[str]:
+    lines = []
+    if "clip_score" in summary:
+        tasks = ", ".join(f"{t} {v:.2f}" for t, v in summary["clip_score"]["tasks"].items())
+        lines.append(f"CLIP score: {summary['clip_score']['clip_score']:.3f} ({tasks})")
+    if "fidelity" in summary:
+        lines.append("fidelity: " + ", ".join(f"{k} {v:.4g}" for k, v in summary["fidelity"].items()))
+    return lines
+
+
+def metrics_of(summary: dict) -> dict[str, float]:
+    """The MLflow metrics of an evaluate summary (names that ``compare`` reads)."""
+    metrics = dict(summary.get("cost", {}))
+    prefix = METRIC_PREFIX.get(summary["detector"])
+    if prefix and "tasks" in summary:
+        metrics.update({f"{prefix}/{t}": v for t, v in summary["tasks"].items()})
+        metrics[f"{prefix}/overall"] = summary["overall"]
+    if "clip_score" in summary:
+        metrics["clip_score"] = summary["clip_score"]["clip_score"]
+        metrics.update({f"clip_score/{t}": v for t, v in summary["clip_score"]["tasks"].items()})
+    for key, value in summary.get("fidelity", {}).items():
+        if key != "pairs":
+            metrics[f"fidelity/{key}"] = value
+    metrics.update({f"latency/{k}": v for k, v in summary.get("latency", {}).items()})
+    return metrics
 
 
 def _log_to_mlflow(summary, records, out_dir, experiment_name, run_name, tracking_uri, info) -> None:
@@ -130,9 +352,8 @@ def _log_to_mlflow(summary, records, out_dir, experiment_name, run_name, trackin
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_name)
     with mlflow.start_run(run_name=run_name) as run:
-        mlflow.log_params(info)
-        mlflow.log_metrics({f"geneval_shapes/{t}": v for t, v in summary["tasks"].items()})
-        mlflow.log_metric("geneval_shapes/overall", summary["overall"])
+        mlflow.log_params({k: v for k, v in info.items() if v is not None})
+        mlflow.log_metrics(metrics_of(summary))
         mlflow.log_artifact(str(out_dir / "summary.json"))
         mlflow.log_text(_task_table(summary), "geneval_tasks.md")
         grid = failure_grid(records, out_dir)
@@ -148,7 +369,14 @@ def _log_to_mlflow(summary, records, out_dir, experiment_name, run_name, trackin
 
 
 def _task_table(summary: dict) -> str:
-    lines = ["| task | accuracy |", "|---|---|"]
-    lines += [f"| {t} | {v:.4f} |" for t, v in summary["tasks"].items()]
-    lines.append(f"| **overall** | **{summary['overall']:.4f}** |")
+    """Per-task table (GenEval accuracy and, when computed, CLIP score) as markdown."""
+    clip = summary.get("clip_score", {}).get("tasks", {})
+    tasks = list(summary.get("tasks", {})) or list(clip)
+    lines = ["| task | accuracy | CLIP score |", "|---|---|---|"]
+    for t in tasks:
+        accuracy = f"{summary['tasks'][t]:.4f}" if t in summary.get("tasks", {}) else ""
+        lines.append(f"| {t} | {accuracy} | {clip[t]:.2f} |" if t in clip else f"| {t} | {accuracy} | |")
+    overall = f"**{summary['overall']:.4f}**" if "overall" in summary else ""
+    mean_clip = f"**{summary['clip_score']['clip_score']:.2f}**" if "clip_score" in summary else ""
+    lines.append(f"| **overall** | {overall} | {mean_clip} |")
     return "\n".join(lines) + "\n"

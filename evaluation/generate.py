@@ -4,6 +4,10 @@ Layout (what GenEval's own ``evaluate_images.py`` reads): ``<out>/<%05d>/metadat
 as one JSON line) and ``<out>/<%05d>/samples/<%04d>.png``. Images are written atomically (temp file + rename), so
 a killed run leaves only whole images; a rerun generates only the missing ones. ``<out>/generation.json`` is
 written last, and only when every image exists: a partial run is never marked complete.
+
+Generators are callables ``(prompts, seeds) -> uint8 (B, H, W, 3)``: the shapes world's ``ShapesPipeline`` or
+``FluxGenerator`` around a diffusers ``FluxPipeline`` (FLUX.1-dev, or any pipeline folder whose transformer is
+replaced by an exported student).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -23,6 +28,7 @@ GENEVAL_METADATA = Path(__file__).parent / "data" / "geneval" / "evaluation_meta
 PROMPT_SETS = ("shapes-heldout", "geneval")
 
 Generator = Callable[[list[str], list[int]], np.ndarray]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_prompt_set(name_or_path: str, image_size: int = 32) -> list[dict]:
@@ -121,3 +127,87 @@ def iter_samples(out: str | Path) -> list[tuple[str, dict, Path]]:
             if png.stem.isdigit():
                 items.append((str(png.relative_to(out)), meta, png))
     return items
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" → cuda when available, else cpu."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def is_flux_pipeline(model: str) -> bool:
+    """A diffusers pipeline folder (model_index.json) or a hub id (org/name that is no local path)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return (path / "model_index.json").is_file()
+    return not path.exists() and not model.startswith(("/", ".", "~")) and model.count("/") == 1
+
+
+def load_flux_pipeline(model: str, transformer: str | None = None, dtype: str = "auto", device: str = "auto"):
+    """A ``FluxPipeline`` from a folder or hub id; ``transformer`` (a save_pretrained folder) replaces its own."""
+    from diffusers import FluxPipeline
+
+    from src.models.loading import load_transformer
+
+    target = resolve_device(device)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"dtype={dtype!r}: allowed auto, {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else torch.bfloat16 if target.type == "cuda" else torch.float32
+    components = {}
+    if transformer is not None:
+        components["transformer"] = load_transformer(transformer, dtype=torch_dtype)
+    try:
+        pipe = FluxPipeline.from_pretrained(model, dtype=torch_dtype, **components)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"FLUX pipeline {model!r} cannot be loaded ({first}); pass --model a diffusers FluxPipeline folder "
+            "(model_index.json, e.g. a local FLUX.1-dev) or a hub id whose files are cached"
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(target)
+
+
+class FluxGenerator:
+    """(prompts, seeds) → uint8 images with a ``FluxPipeline``.
+
+    Each image's initial noise comes from its own CPU ``torch.Generator`` seeded with its seed, so an image depends
+    on its (prompt, seed) only, not on the batch it was drawn in or the device.
+    """
+
+    def __init__(
+        self,
+        pipeline,
+        height: int = 1024,
+        width: int = 1024,
+        steps: int = 28,
+        guidance: float = 3.5,
+        max_sequence_length: int = 512,
+    ) -> None:
+        multiple = 2 * pipeline.vae_scale_factor  # VAE downsampling, then 2×2 latent packing
+        if height % multiple or width % multiple:
+            raise UserError(f"height={height}, width={width}: must be multiples of {multiple} for this pipeline")
+        self.pipeline = pipeline
+        self.height, self.width, self.steps, self.guidance = height, width, steps, guidance
+        # The T5 tokenizer's own limit caps the default (512 for FLUX.1-dev).
+        self.max_sequence_length = min(max_sequence_length, pipeline.tokenizer_2.model_max_length)
+
+    @property
+    def image_tokens(self) -> int:
+        multiple = 2 * self.pipeline.vae_scale_factor
+        return (self.height // multiple) * (self.width // multiple)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        images = self.pipeline(
+            prompt=list(prompts),
+            height=self.height,
+            width=self.width,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            generator=generators,
+            max_sequence_length=self.max_sequence_length,
+            output_type="np",
+        ).images
+        # diffusers' own float → uint8 conversion (numpy_to_pil).
+        return (images * 255).round().clip(0, 255).astype(np.uint8)

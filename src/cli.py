@@ -16,6 +16,7 @@ from src.errors import UserError
 # name → "module:function"; each function's signature and docstring are its command line and --help.
 TOOLS: dict[str, str] = {
     "evaluate": "evaluation.evaluate:evaluate",
+    "compare": "evaluation.compare:compare",
 }
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
@@ -45,11 +46,37 @@ def _lightning_cli(args: list[str] | None) -> None:
     )
 
 
-def _run_tool(name: str, args: list[str]) -> Any:
-    from jsonargparse import auto_cli
+def _experiment_config(argv: list[str]) -> bool:
+    """``fit --config X.yaml`` where X declares ``stages``: a multi-stage Dense2MoE experiment, not LightningCLI."""
+    from src.training.experiment import is_experiment_config
 
+    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    return any(is_experiment_config(c) for c in configs)
+
+
+def _run_function(fn: Any, args: list[str]) -> Any:
+    """Parse ``args`` into ``fn``'s signature (``--config`` files, dot overrides) and call it.
+
+    Building the config objects runs their validation, so a ValueError there is bad input, reported as one line.
+    """
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=f"python -m src.cli {getattr(fn, '__name__', '')}", exit_on_error=False)
+    parser.add_argument("--config", "-c", action=ActionConfigFile, help="YAML file with any of the arguments below")
+    parser.add_function_arguments(fn, as_positional=False)
+    cfg = parser.parse_args(args)
+    try:
+        init = parser.instantiate_classes(cfg)
+    except ValueError as err:
+        raise UserError(f"invalid configuration: {_root_cause(err)}") from None
+    kwargs = {k: v for k, v in vars(init).items() if k != "config"}
+    return fn(**kwargs)
+
+
+def _run_tool(name: str, args: list[str]) -> Any:
     module, func = TOOLS[name].split(":")
-    return auto_cli(getattr(importlib.import_module(module), func), args=args, as_positional=False)
+    return _run_function(getattr(importlib.import_module(module), func), args)
 
 
 def config_error_line(exc: BaseException) -> str:
@@ -91,6 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if command in TOOLS:
             _run_tool(command, argv[1:])
+        elif command == "fit" and _experiment_config(argv):
+            from src.training.experiment import run_experiment
+
+            _run_function(run_experiment, argv[1:])
         elif command in TRAINER_COMMANDS or command is None or command.startswith("-"):
             _lightning_cli(argv if argv != sys.argv[1:] else None)
         else:

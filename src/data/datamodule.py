@@ -1,8 +1,8 @@
 """Streaming LightningDataModule over the procedural shapes world.
 
 Training batches are rendered on the fly from seeds (``seed``, batch index, position), so the stream is infinite,
-identical on every machine, and resumable: the loader's state is the index of the next batch, saved in Lightning
-checkpoints. Validation draws GenEval-style held-out compositions with fixed per-image seeds, so every model sees
+identical on every machine, and resumable: the datamodule's state is the index after the last batch a training
+step consumed (the loader may have prefetched further), saved in Lightning checkpoints and restored on resume. Validation draws GenEval-style held-out compositions with fixed per-image seeds, so every model sees
 the same prompts and the same noise.
 """
 
@@ -31,23 +31,13 @@ class ShapesStream(IterableDataset):
         images = np.stack([im for im, _ in samples])
         image = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         metadata = [m for _, m in samples]
-        return {"image": image, "prompt": [m["prompt"] for m in metadata], "metadata": metadata}
+        return {"image": image, "prompt": [m["prompt"] for m in metadata], "metadata": metadata, "index": index}
 
     def __iter__(self) -> Iterator[dict]:
         while True:
             index = self.next_batch
             self.next_batch += 1
             yield self.batch(index)
-
-
-class StatefulLoader(DataLoader):
-    """Single-process loader whose position survives checkpoints (Lightning saves ``state_dict`` of loaders)."""
-
-    def state_dict(self) -> dict:
-        return {"next_batch": self.dataset.next_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.dataset.next_batch = int(state["next_batch"])
 
 
 class HeldoutPrompts(Dataset):
@@ -100,9 +90,22 @@ class ShapesDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size={batch_size}, val_batch_size={val_batch_size}: must be >= 1")
         self.world = ShapesWorld(size=image_size, heldout_fraction=heldout_fraction)
         self.train_stream = ShapesStream(self.world, batch_size, seed)
+        self._consumed = -1
 
     def train_dataloader(self) -> DataLoader:
-        return StatefulLoader(self.train_stream, batch_size=None, num_workers=0)
+        return DataLoader(self.train_stream, batch_size=None, num_workers=0)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training and "index" in batch:
+            self._consumed = int(batch["index"])
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"next_batch": self._consumed + 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._consumed = int(state["next_batch"]) - 1
+        self.train_stream.next_batch = int(state["next_batch"])
 
     def heldout_metadata(self, per_task: int | None = None) -> list[dict]:
         n = per_task or self.hparams.val_prompts_per_task

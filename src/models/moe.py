@@ -378,7 +378,7 @@ class MoEFeedForward(nn.Module):
         self.last_counts = counts_E.detach()
         self.last_probs_mean = probs_mean_E.detach()
         aux_loss = logits_ET.new_zeros(())
-        if self.training:
+        if self.training and assignments > 0:
             if cfg.balance == "aux" and cfg.aux_loss_weight > 0:
                 # Switch/GShard: E·Σ f_i·P_i, f_i the fraction of the T·K assignments (no gradient), P_i the
                 # mean router probability; equals 1 at perfect balance.

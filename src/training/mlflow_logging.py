@@ -113,6 +113,9 @@ class MLflowLogger(MLFlowLogger):
 
         buf.seek(0)
         self.log_image(np.asarray(Image.open(buf).convert("RGB")), artifact_file)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
 
     @property
     def run_url(self) -> str:

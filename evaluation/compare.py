@@ -1,0 +1,187 @@
+"""``python -m src.cli compare``: a table of an MLflow experiment's runs and a quality-vs-activated-parameters plot.
+
+Reads the runs with ``search_runs`` and keeps the metrics ``evaluate`` and the training runs log under these names:
+``params/activated``, ``flops``, ``geneval*/overall`` and ``geneval*/<task>``, ``clip_score``, ``fidelity/*``,
+``latency/*`` (plus the chosen quality metric, whatever its name). The Pareto front is the set of runs that no other
+run beats on both axes (fewer or equal activated parameters and better or equal quality, one of them strictly).
+Outputs: compare.csv, compare.md, compare.png under ``--out``; the same files are logged to a new run named
+"compare" (tag ``dense2moe.kind=compare``, skipped by later compares) in the experiment.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from src.errors import UserError
+
+QUALITY_METRICS = ("geneval/overall", "geneval_shapes/overall", "clip_score")
+ACTIVATED = "params/activated"
+_KIND_TAG = "dense2moe.kind"
+_LEADING = ("params/activated", "flops")
+_TRAILING = ("clip_score", "fidelity/psnr", "fidelity/ssim", "fidelity/lpips")
+
+
+def pareto_front(points: list[tuple[float, float]], maximize: bool = True) -> list[int]:
+    """Indices of the non-dominated (cost, quality) points, by increasing cost; lower cost is better."""
+    sign = 1 if maximize else -1
+
+    def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        no_worse = a[0] <= b[0] and sign * a[1] >= sign * b[1]
+        return no_worse and (a[0] < b[0] or sign * a[1] > sign * b[1])
+
+    front = [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
+    return sorted(front, key=lambda i: (points[i][0], -sign * points[i][1]))
+
+
+def _value(run, key: str) -> float | None:
+    """A run's metric, or a numeric param of the same name."""
+    if key in run.data.metrics:
+        return float(run.data.metrics[key])
+    try:
+        return float(run.data.params[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def _columns(runs: list, metric: str) -> list[str]:
+    keys = {k for run in runs for k in run.data.metrics}
+    keys |= {k for k in _LEADING if any(_value(r, k) is not None for r in runs)}
+    geneval = sorted(k for k in keys if k.startswith("geneval") and k.count("/") == 1 and not k.endswith("/overall"))
+    overall = sorted(k for k in keys if k.startswith("geneval") and k.endswith("/overall"))
+    latency = sorted(k for k in keys if k.startswith("latency/"))
+    ordered = [*_LEADING, metric, *overall, *geneval, *_TRAILING, *latency]
+    return [k for i, k in enumerate(ordered) if k in keys and k not in ordered[:i]]
+
+
+def _runs(client, experiment_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        runs += [r for r in page if r.data.tags.get(_KIND_TAG) != "compare"]
+        token = page.token
+        if not token:
+            return runs
+
+
+def _format(key: str, value) -> str:
+    """Markdown cell: parameter counts in M/B, other large numbers (FLOPs) with SI prefixes, short run ids."""
+    if value is None:
+        return ""
+    if key == "run_id":
+        return value[:8]
+    if key == "pareto":
+        return "✓" if value else ""
+    if not isinstance(value, float):
+        return str(value)
+    if key.startswith("params/") and abs(value) >= 1e6:
+        return f"{value / 1e9:.3g}B" if abs(value) >= 1e9 else f"{value / 1e6:.3g}M"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= max(scale, 1e5):
+            return f"{value / scale:.4g}{prefix}"
+    return f"{value:.4g}"
+
+
+def _plot(rows: list[dict], metric: str, front: list[int], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    scale, unit = (1e9, "B") if max(r[ACTIVATED] for r in rows) >= 1e9 else (1e6, "M")
+    xs = [r[ACTIVATED] / scale for r in rows]
+    ys = [r[metric] for r in rows]
+    figure = Figure(figsize=(7, 5))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.scatter(xs, ys, color="tab:blue", label="runs")
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color="tab:red", label="Pareto front")
+    for x, y, row in zip(xs, ys, rows):
+        ax.annotate(row["run"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"activated parameters ({unit})")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def compare(
+    experiment: str,
+    tracking_uri: str | None = None,
+    metric: str | None = None,
+    out: str = "outputs/compare",
+    maximize: bool = True,
+    log_mlflow: bool = True,
+) -> list[dict]:
+    """Table of an experiment's runs (CSV + markdown) and a quality-vs-activated-parameters plot with its Pareto front.
+
+    Args:
+        experiment: MLflow experiment name.
+        tracking_uri: MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
+        metric: Quality metric for the plot (default: the first of geneval/overall, geneval_shapes/overall,
+            clip_score that some run has).
+        out: Output folder for compare.csv, compare.md and compare.png.
+        maximize: Higher metric is better (false for e.g. fidelity/lpips).
+        log_mlflow: Log the outputs to a new "compare" run in the experiment.
+    """
+    import mlflow
+
+    from src.training.mlflow_logging import check_tracking_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise UserError(f"MLflow experiment {experiment!r} does not exist at {uri}; experiments: {', '.join(names)}")
+    runs = _runs(client, found.experiment_id)
+    if metric is None:
+        metric = next((m for m in QUALITY_METRICS if any(m in r.data.metrics for r in runs)), None)
+        if metric is None:
+            raise UserError(f"experiment {experiment!r}: no run has any of the metrics {', '.join(QUALITY_METRICS)}")
+    runs = [r for r in runs if _value(r, metric) is not None]
+    if not runs:
+        raise UserError(f"experiment {experiment!r}: no run has the metric {metric!r}")
+    columns = _columns(runs, metric)
+    rows = [
+        {"run": r.info.run_name or r.info.run_id[:8], "run_id": r.info.run_id, **{k: _value(r, k) for k in columns}}
+        for r in sorted(runs, key=lambda r: r.info.start_time or 0)
+    ]
+    plotted = [r for r in rows if r.get(ACTIVATED) is not None and math.isfinite(r[metric])]
+    if not plotted:
+        raise UserError(
+            f"experiment {experiment!r}: no run with {metric!r} also has {ACTIVATED!r} (evaluate logs it)"
+        )
+    front = pareto_front([(r[ACTIVATED], r[metric]) for r in plotted], maximize)
+    front_ids = {plotted[i]["run_id"] for i in front}
+    for row in rows:
+        row["pareto"] = row["run_id"] in front_ids
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = ["run", "run_id", *columns, "pareto"]
+    with (out_dir / "compare.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    markdown = "\n".join(
+        [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *("| " + " | ".join(_format(k, row[k]) for k in header) + " |" for row in rows),
+        ]
+    )
+    (out_dir / "compare.md").write_text(markdown + "\n")
+    _plot(plotted, metric, front, out_dir / "compare.png", f"{experiment}: {metric} vs activated parameters")
+    print(markdown)
+    print(f"Pareto front ({metric}): {', '.join(plotted[i]['run'] for i in front)}; files in {out_dir}")
+    if log_mlflow:
+        run = client.create_run(found.experiment_id, run_name="compare", tags={_KIND_TAG: "compare"})
+        for key, value in {"metric": metric, "maximize": maximize, "runs": len(rows)}.items():
+            client.log_param(run.info.run_id, key, value)
+        for name in ("compare.csv", "compare.md", "compare.png"):
+            client.log_artifact(run.info.run_id, str(out_dir / name))
+        client.set_terminated(run.info.run_id)
+        print(f"MLflow run: {uri} experiment={experiment!r} run_id={run.info.run_id}")
+    return rows

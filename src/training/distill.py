@@ -1,0 +1,304 @@
+"""The distillation stages of Dense2MoE as LightningModules (paper §3; DESIGN.md §2).
+
+- ``shared_kd`` (stage 1, enhanced MoE initialisation): the Taylor-initialised student runs with top-k = 0 (shared
+  experts only) and is distilled with output loss + block feature loss.
+- ``moe_kd`` (stage 2, dense-to-MoE distillation): shared experts frozen (paper), routed experts + routers trained
+  with L_out + Σ_l w_l·L_feat(l) + λ·L_balance (λ = 0.01, inside the MoE layers).
+- ``mob_kd`` (stage 3, Mixture of Blocks): each MoB group's output is matched to the dense teacher's output of the
+  last block of that group; MoB routers (and, configurably, the grouped blocks) train, everything else is frozen.
+- ``dense_kd`` (baselines): a width- or depth-pruned dense student distilled the same way.
+
+Every step: t and noise → teacher (no grad) → student → losses → log. Teacher and student see the same noisy
+input, noise level, text embeddings and guidance. The step's randomness is a pure function of (seed, step), so a
+resumed stage continues exactly as an uninterrupted one. Legend: B batch, L image tokens, D token width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.errors import UserError
+from src.models.flow import TIMESTEP_SAMPLINGS, sample_sigmas
+from src.models.mob import mob_groups
+from src.models.moe import moe_layers
+from src.models.pipeline import ShapesPipeline
+from src.training.base import FlowModule
+
+STAGE_KINDS = ("shared_kd", "moe_kd", "mob_kd", "dense_kd")
+TRAINABLE = ("default", "all")
+
+
+@dataclass
+class StageSpec:
+    """One distillation stage of an experiment."""
+
+    name: str
+    """Stage name (unique in the experiment; its folder and MLflow run are named after it)."""
+    kind: str
+    """"shared_kd" (stage 1), "moe_kd" (stage 2), "mob_kd" (stage 3) or "dense_kd" (pruned baselines)."""
+    steps: int = 200
+    """Optimizer steps."""
+    lr: float = 5e-4
+    """AdamW peak learning rate (linear warm-up, then cosine decay to 10%)."""
+    batch_size: int = 32
+    """Images per step."""
+    precision: str = "32-true"
+    """Lightning precision ("32-true", "bf16-mixed", …)."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    output_weight: float = 1.0
+    """Weight of the output loss ‖v_teacher − v_student‖²."""
+    feature_weight: float = 1.0
+    """Weight of the (normalised, layer-averaged) block or group feature loss."""
+    freeze_shared: bool = True
+    """moe_kd: keep the shared experts frozen (paper: stage 2); False trains them jointly (the joint ablation)."""
+    train_blocks: bool = True
+    """mob_kd: also train the blocks inside MoB groups, not only the MoB routers."""
+    trainable: str = "default"
+    """"default" (what the stage's kind trains) or "all" (every student parameter)."""
+    timestep_sampling: str = "logit_normal"
+    """Noise-level sampling: "uniform" or "logit_normal"."""
+    timestep_shift: float = 1.0
+    """FLUX shift applied to the sampled noise levels."""
+    checkpoint_every: int = 50
+    """Steps between resumable checkpoints."""
+    accelerator: str = "auto"
+    """Lightning accelerator."""
+    devices: Any = 1
+    """Lightning devices."""
+    strategy: str = "auto"
+    """Lightning strategy ("auto", "ddp", "fsdp", …)."""
+    gradient_clip_val: float = 1.0
+    """Gradient norm clipping."""
+    extra_trainer: dict[str, Any] = field(default_factory=dict)
+    """Any other ``lightning.Trainer`` arguments."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGE_KINDS:
+            raise ValueError(f"stage {self.name!r}: kind={self.kind!r}; allowed {list(STAGE_KINDS)}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"stage {self.name!r}: trainable={self.trainable!r}; allowed {list(TRAINABLE)}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(
+                f"stage {self.name!r}: timestep_sampling={self.timestep_sampling!r}; allowed {list(TIMESTEP_SAMPLINGS)}"
+            )
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stage {self.name!r}: {name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"stage {self.name!r}: lr={self.lr} must be > 0")
+
+
+# --- which parameters a stage trains ------------------------------------------------------------------------------
+def _moe_param_groups(student: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    shared, routed = [], []
+    for layer in moe_layers(student):
+        for name, p in layer.named_parameters():
+            (routed if name in ("router.weight", "w_up", "b_up", "w_down") else shared).append(p)
+    return shared, routed
+
+
+def trainable_parameters(student: nn.Module, spec: StageSpec) -> list[nn.Parameter]:
+    """Sets ``requires_grad`` on the student as the stage prescribes and returns the trained parameters."""
+    if spec.trainable == "all" or spec.kind == "dense_kd":
+        chosen = list(student.parameters())
+    elif spec.kind == "shared_kd":
+        chosen = _moe_param_groups(student)[0]
+    elif spec.kind == "moe_kd":
+        shared, routed = _moe_param_groups(student)
+        chosen = routed if spec.freeze_shared else shared + routed
+    else:  # mob_kd
+        chosen = [p for g in mob_groups(student) for p in g.parameters()]
+        if spec.train_blocks:
+            for stream, start, size in group_spans_of(student):
+                blocks = getattr(student, _STREAM_ATTR[stream])
+                chosen += [p for block in blocks[start : start + size] for p in block.parameters()]
+    ids = {id(p) for p in chosen}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in ids)
+    if not chosen:
+        raise UserError(f"stage {spec.name!r} ({spec.kind}) has nothing to train in this student")
+    return chosen
+
+
+_STREAM_ATTR = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
+
+
+def group_spans_of(student: nn.Module) -> list[tuple[str, int, int]]:
+    return [(g.stream, g.start, g.size) for g in mob_groups(student)]
+
+
+# --- feature taps ----------------------------------------------------------------------------------------------------
+class FeatureTaps:
+    """Forward hooks keeping the (text + image) hidden states each tapped module output in the last forward."""
+
+    def __init__(self, modules: dict[tuple[str, int], nn.Module]) -> None:
+        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
+        self._handles = [m.register_forward_hook(self._hook(key)) for key, m in modules.items()]
+
+    def _hook(self, key: tuple[str, int]):
+        def keep(module, args, output):
+            encoder_hidden_states, hidden_states = output
+            self.outputs[key] = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+
+        return keep
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def feature_pairs(
+    teacher: nn.Module, student: nn.Module, kind: str
+) -> tuple[dict[tuple[str, int], nn.Module], dict[tuple[str, int], nn.Module], list[tuple[tuple, tuple]]]:
+    """Modules to tap in teacher and student and the (student key, teacher key) pairs the feature loss matches.
+
+    Blocks map one to one, through ``kept_double``/``kept_single`` for a depth-pruned student; in ``mob_kd`` each
+    MoB group's output maps to the teacher's last block of that group (paper: group feature loss).
+    """
+    cfg = getattr(student, "config", {})
+    kept = {
+        "double": cfg.get("kept_double") or list(range(len(student.transformer_blocks))),
+        "single": cfg.get("kept_single") or list(range(len(student.single_transformer_blocks))),
+    }
+    teacher_taps, student_taps, pairs = {}, {}, []
+    groups = mob_groups(student)
+    if kind == "mob_kd":
+        for g in groups:
+            last = kept[g.stream][g.start + g.size - 1]
+            student_taps[(g.stream + "_group", g.start)] = g
+            teacher_taps[(g.stream, last)] = getattr(teacher, _STREAM_ATTR[g.stream])[last]
+            pairs.append(((g.stream + "_group", g.start), (g.stream, last)))
+        return teacher_taps, student_taps, pairs
+    if groups:
+        raise UserError(f"a {kind} stage cannot follow a mob_kd stage: the student's blocks are already grouped")
+    for stream, attr in _STREAM_ATTR.items():
+        for i, block in enumerate(getattr(student, attr)):
+            t = kept[stream][i]
+            student_taps[(stream, i)] = block
+            teacher_taps[(stream, t)] = getattr(teacher, attr)[t]
+            pairs.append(((stream, i), (stream, t)))
+    return teacher_taps, student_taps, pairs
+
+
+# --- the stage module ---------------------------------------------------------------------------------------------
+class DistillStage(FlowModule):
+    """One distillation stage; ``spec.kind`` decides what trains and which features are matched."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        spec: StageSpec,
+        pipeline: ShapesPipeline,
+        seed: int = 0,
+        total_steps_before: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters({"stage": asdict(spec), "noise_seed": seed})
+        self.spec, self.seed = spec, seed
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student.train()
+        self.pipeline = pipeline
+        self.strict_loading = False  # the frozen teacher is not stored in stage checkpoints
+        self.top_k = max((layer.cfg.top_k for layer in moe_layers(student)), default=0)
+        if spec.kind == "shared_kd":
+            from src.models.moe import set_top_k
+
+            set_top_k(student, 0)
+        self._params = trainable_parameters(student, spec)
+        teacher_taps, student_taps, self.pairs = feature_pairs(teacher, student, spec.kind)
+        self._teacher_taps = FeatureTaps(teacher_taps)
+        self._student_taps = FeatureTaps(student_taps)
+        self.last_sigma_B: torch.Tensor | None = None
+
+    def sampling_model(self) -> nn.Module:
+        return self.student
+
+    def _step_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        spec, pipe = self.spec, self.pipeline
+        gen = self._step_generator()
+        x0_BLD = pipe.images_to_tokens(batch["image"])
+        b = x0_BLD.shape[0]
+        tokens, pooled = pipe.encode_prompts(batch["prompt"])
+        sigma_B = sample_sigmas(b, spec.timestep_sampling, spec.timestep_shift, generator=gen).to(self.device)
+        noise_BLD = torch.randn(x0_BLD.shape, generator=gen).to(self.device)
+        s = sigma_B[:, None, None]
+        x_t = (1 - s) * x0_BLD + s * noise_BLD
+        self.last_sigma_B = sigma_B
+        with torch.no_grad():
+            v_teacher = pipe.velocity(x_t, sigma_B, tokens, pooled, self.teacher)
+        layers = moe_layers(self.student)
+        for layer in layers:  # layers in blocks that MoB skips this step must not contribute a stale loss
+            layer.aux_loss = x0_BLD.new_zeros(())
+        v_student = pipe.velocity(x_t, sigma_B, tokens, pooled, self.student)
+        out = F.mse_loss(v_student.float(), v_teacher.float())
+        # w_l: each layer's term on the output loss's scale, divided by that teacher feature's relative size
+        # (paper: normalised, detached per-block weights).
+        scale = v_teacher.float().pow(2).mean().detach()
+        feats = []
+        for s_key, t_key in self.pairs:
+            f_teacher = self._teacher_taps.outputs[t_key].float()
+            f_student = self._student_taps.outputs[s_key].float()
+            w = scale / f_teacher.pow(2).mean().detach().clamp_min(1e-8)
+            feats.append(w * F.mse_loss(f_student, f_teacher))
+        feature = torch.stack(feats).mean() if feats else out.new_zeros(())
+        balance = sum((layer.aux_loss for layer in layers), out.new_zeros(()))
+        total = spec.output_weight * out + spec.feature_weight * feature + balance
+        return {"loss": total, "loss_out": out, "loss_feature": feature, "loss_balance": balance}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        parts = self.losses(batch)
+        loss = parts["loss"]
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"stage {self.spec.name!r}: loss is {loss.item()} at step {self.global_step}; the last good checkpoint "
+                "is kept and the MLflow run is marked FAILED (lower the lr or use fp32)"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "loss"}, prog_bar=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        layers = moe_layers(self.student)
+        if layers and layers[0].cfg.balance == "aux_free":
+            counts = torch.stack([layer.pending_counts for layer in layers])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(counts)
+            for layer, c in zip(layers, counts):
+                layer.update_expert_bias(c)
+
+    def configure_optimizers(self):
+        spec = self.spec
+        opt = torch.optim.AdamW(self._params, lr=spec.lr, weight_decay=spec.weight_decay)
+        warmup, total = max(1, spec.warmup_steps), max(spec.steps, spec.warmup_steps + 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / (total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def teardown(self, stage: str) -> None:
+        self._teacher_taps.remove()
+        self._student_taps.remove()
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite."""

@@ -1,0 +1,253 @@
+"""A Dense2MoE experiment: teacher → (prune) → Taylor scores → MoE student → stages in order → evaluation.
+
+``python -m src.cli fit --config experiments/moe_s.yaml`` lands here when the YAML has ``stages``. Each stage is
+its own Lightning ``Trainer.fit`` and its own MLflow run, nested under one parent run per experiment; a stage's
+exported student feeds the next. Rerunning the same command skips finished stages and resumes an interrupted one
+from its newest checkpoint; a finished stage whose recorded configuration differs from the current one is refused
+rather than reused or overwritten.
+
+Layout of ``output_dir``: ``experiment.json`` (parent run id, fingerprint), ``taylor_scores.safetensors``,
+``<stage>/checkpoints/``, ``<stage>/student/`` (diffusers folder) and ``<stage>/done.json``, ``report/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.errors import UserError
+from src.models.convert import ConversionConfig
+from src.models.mob import MoBConfig
+from src.training.distill import StageSpec
+
+
+@dataclass
+class TeacherSpec:
+    """The dense teacher."""
+
+    path: str = "checkpoints/teacher_tiny"
+    """diffusers folder of a ``FluxTransformer2DModel`` (or a hub id, with ``subfolder``)."""
+    subfolder: str | None = None
+    """Subfolder inside ``path`` (``transformer`` for a full FLUX pipeline folder)."""
+    preset: str | None = None
+    """Config preset ("flux-dev", "tiny") used to count parameters without weights."""
+    expected: dict[str, Any] = field(default_factory=dict)
+    """Config entries the checkpoint must have (a mismatch is refused)."""
+    guidance: float = 3.5
+    """Guidance value fed to a guidance-distilled teacher (and its student)."""
+
+
+@dataclass
+class PruneSpec:
+    """Pruning baselines in the same machinery."""
+
+    kind: str = "width"
+    """"width" (Taylor neuron pruning of every FFN, Diff-Pruning style) or "depth" (block removal)."""
+    ffn_fraction: float = 0.375
+    """width: fraction of each FFN's neurons kept (0.375 = MoE 1S12E2A's activated FFN)."""
+    keep_double: int | None = None
+    """depth: double-stream blocks kept (None = all)."""
+    keep_single: int | None = None
+    """depth: single-stream blocks kept (None = all)."""
+    rank: str = "mse"
+    """depth: "mse" (FLUX.1-Lite: keep blocks that change their input most) or "pattern" (BK-SDM-like fixed)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("width", "depth"):
+            raise ValueError(f"student.prune.kind={self.kind!r}; allowed ['width', 'depth']")
+        if self.rank not in ("mse", "pattern"):
+            raise ValueError(f"student.prune.rank={self.rank!r}; allowed ['mse', 'pattern']")
+        if not 0 < self.ffn_fraction <= 1:
+            raise ValueError(f"student.prune.ffn_fraction={self.ffn_fraction}; allowed (0, 1]")
+
+
+@dataclass
+class StudentSpec:
+    """How the student is made from the teacher."""
+
+    conversion: ConversionConfig | None = None
+    """Dense → MoE conversion (None: the student stays dense, e.g. a pruning baseline)."""
+    mob: MoBConfig | None = None
+    """Mixture of Blocks groups, added before the first mob_kd stage."""
+    prune: PruneSpec | None = None
+    """Pruning applied to the teacher copy before conversion."""
+
+
+@dataclass
+class TaylorSpec:
+    """Calibration for Taylor importance scores."""
+
+    batches: int = 8
+    """Calibration batches (noise levels spread evenly over [0, 1] across them)."""
+    batch_size: int = 32
+    """Images per calibration batch."""
+    loss: str = "flow"
+    """"flow" (flow-matching loss on data) or "distill" (MSE to the teacher's guided velocity)."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("flow", "distill"):
+            raise ValueError(f"taylor.loss={self.loss!r}; allowed ['flow', 'distill']")
+
+
+@dataclass
+class EvalSpec:
+    """The evaluation at the end of every fit (teacher and student, same prompts, same noise)."""
+
+    prompts_per_task: int = 16
+    """Held-out prompts per GenEval task."""
+    images_per_prompt: int = 2
+    """Images per prompt."""
+    steps: int = 20
+    """Euler sampling steps."""
+    cfg_scale: float = 4.0
+    """Classifier-free guidance scale."""
+    batch_size: int = 128
+    """Images per generation batch."""
+    latency_batch: int = 16
+    """Images per batch when timing teacher and student sampling."""
+    enabled: bool = True
+    """Run the evaluation."""
+
+
+@dataclass
+class DataSpec:
+    """The shapes world stream."""
+
+    image_size: int = 32
+    """Image side in pixels."""
+    seed: int = 0
+    """Training stream seed (each stage offsets it)."""
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def validate_order(stages: list[StageSpec], student: StudentSpec) -> None:
+    """Stages in an impossible order are refused before anything runs."""
+    if not stages:
+        raise UserError("stages: an experiment needs at least one stage")
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise UserError(f"stages: names must be unique, got {names}")
+    seen_mob = False
+    for i, s in enumerate(stages):
+        where = f"stage {i} ({s.name!r}, kind {s.kind})"
+        if s.kind in ("shared_kd", "moe_kd") and student.conversion is None:
+            raise UserError(f"{where}: needs student.conversion (an MoE student)")
+        if s.kind == "dense_kd" and student.conversion is not None:
+            raise UserError(f"{where}: dense_kd is for dense/pruned students; this student is MoE (use moe_kd)")
+        if s.kind == "shared_kd" and any(p.kind in ("moe_kd", "mob_kd") for p in stages[:i]):
+            raise UserError(f"{where}: shared_kd (stage 1) must come before moe_kd and mob_kd stages")
+        if s.kind == "mob_kd":
+            if student.mob is None:
+                raise UserError(f"{where}: needs student.mob (Mixture of Blocks groups)")
+            seen_mob = True
+        elif seen_mob:
+            raise UserError(f"{where}: cannot follow a mob_kd stage (the student's blocks are grouped by then)")
+    if student.conversion is not None and student.conversion.split == "taylor" and student.prune is not None:
+        if student.prune.kind == "depth" and student.mob is not None:
+            raise UserError("student: depth pruning and MoB groups cannot be combined")
+
+
+@dataclass
+class Experiment:
+    """Everything an experiment YAML holds (the arguments of ``run_experiment``)."""
+
+    name: str
+    teacher: TeacherSpec
+    student: StudentSpec
+    stages: list[StageSpec]
+    taylor: TaylorSpec
+    evaluation: EvalSpec
+    data: DataSpec
+    output_dir: Path
+    seed: int
+    experiment_name: str
+    tracking_uri: str | None
+
+    def stage_fingerprint(self, index: int) -> str:
+        """What a stage's result depends on: teacher, student recipe, Taylor calibration, stages up to it."""
+        return fingerprint(
+            {
+                "teacher": asdict(self.teacher),
+                "student": asdict(self.student),
+                "taylor": asdict(self.taylor),
+                "data": asdict(self.data),
+                "seed": self.seed,
+                "stages": [asdict(s) for s in self.stages[: index + 1]],
+            }
+        )
+
+
+def run_experiment(
+    name: str,
+    stages: list[StageSpec],
+    teacher: TeacherSpec | None = None,
+    student: StudentSpec | None = None,
+    taylor: TaylorSpec | None = None,
+    evaluation: EvalSpec | None = None,
+    data: DataSpec | None = None,
+    output_dir: str | None = None,
+    seed: int = 0,
+    experiment_name: str = "dense2moe",
+    tracking_uri: str | None = None,
+    only_stage: str | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run a Dense2MoE experiment: its stages in order, then the teacher-vs-student evaluation.
+
+    Args:
+        name: Experiment name (parent MLflow run name; default output folder runs/<name>).
+        stages: The distillation stages, in order.
+        teacher: The dense teacher.
+        student: How the student is made (conversion, MoB, pruning).
+        taylor: Taylor-score calibration.
+        evaluation: The evaluation at the end.
+        data: The shapes world stream.
+        output_dir: Where stages, checkpoints and the report go (default runs/<name>).
+        seed: Seed of every stage's noise and timesteps.
+        experiment_name: MLflow experiment.
+        tracking_uri: MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
+        only_stage: Run just this stage (its predecessors must be finished) and skip the evaluation.
+        threads: torch CPU threads.
+    """
+    from src.training.runner import run  # heavy imports only when running
+
+    if threads:
+        torch.set_num_threads(threads)
+    student = student or StudentSpec(conversion=ConversionConfig())
+    validate_order(stages, student)
+    if only_stage is not None and only_stage not in [s.name for s in stages]:
+        raise UserError(f"only_stage={only_stage!r}: not one of {[s.name for s in stages]}")
+    exp = Experiment(
+        name=name,
+        teacher=teacher or TeacherSpec(),
+        student=student,
+        stages=stages,
+        taylor=taylor or TaylorSpec(),
+        evaluation=evaluation or EvalSpec(),
+        data=data or DataSpec(),
+        output_dir=Path(output_dir or os.path.join("runs", name)),
+        seed=seed,
+        experiment_name=experiment_name,
+        tracking_uri=tracking_uri,
+    )
+    return run(exp, only_stage)
+
+
+def is_experiment_config(path: str) -> bool:
+    """True for an experiment YAML (has ``stages``) rather than a plain LightningCLI config."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "stages" in data

@@ -1,0 +1,303 @@
+"""Runs an ``Experiment``: builds the student, runs each stage as its own Trainer.fit, resumes, evaluates."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from src.errors import UserError
+from src.models.loading import load_transformer
+from src.models.mob import MoBConfig, mob_groups
+from src.models.moe import moe_layers, set_top_k
+from src.models.pipeline import SamplingConfig, ShapesPipeline
+from src.training.callbacks import ExpertLoadCallback, StageProgressBar
+from src.training.distill import DistillStage, StageSpec
+from src.training.experiment import Experiment
+from src.training.mlflow_logging import MLflowLogger, check_tracking_uri, resolve_tracking_uri
+from src.training.teacher import check_writable_dir
+
+
+def load_teacher(exp: Experiment) -> torch.nn.Module:
+    path = exp.teacher.path
+    if exp.teacher.subfolder:
+        path = os.path.join(path, exp.teacher.subfolder)
+    teacher = load_transformer(path, exp.teacher.expected or None)
+    if type(teacher).__name__ != "FluxTransformer2DModel" and getattr(teacher.config, "moe", None):
+        raise UserError(f"teacher {path}: is an MoE model; the teacher must be a dense FluxTransformer2DModel")
+    return teacher.eval().requires_grad_(False)
+
+
+def _stream_data(exp: Experiment, batch_size: int, offset: int):
+    from src.data.datamodule import ShapesDataModule
+
+    return ShapesDataModule(
+        image_size=exp.data.image_size, batch_size=batch_size, seed=exp.data.seed + offset, val_prompts_per_task=4
+    )
+
+
+# --- the initial student ----------------------------------------------------------------------------------------
+def taylor_batches(exp: Experiment, pipeline: ShapesPipeline, teacher: torch.nn.Module):
+    """Calibration batches with noise levels spread evenly over (0, 1) (Taylor scores across timesteps)."""
+    data = _stream_data(exp, exp.taylor.batch_size, offset=7919)
+    stream = data.train_stream
+    n = exp.taylor.batches
+    for i in range(n):
+        batch = stream.batch(i)
+        gen = torch.Generator().manual_seed(exp.seed * 7 + i)
+        x0 = pipeline.images_to_tokens(batch["image"])
+        sigma = ((torch.arange(x0.shape[0]) + torch.rand(x0.shape[0], generator=gen)) / x0.shape[0] + i / n) % 1.0
+        noise = torch.randn(x0.shape, generator=gen)
+        tokens, pooled = pipeline.encode_prompts(batch["prompt"])
+        x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        if exp.taylor.loss == "flow":
+            target = noise - x0
+        else:  # the teacher's classifier-free-guided velocity: what the student will be asked to reproduce
+            with torch.no_grad():
+                uncond = pipeline.encode_prompts([""] * x0.shape[0])
+                v_c = pipeline.velocity(x_t, sigma, tokens, pooled, teacher)
+                v_u = pipeline.velocity(x_t, sigma, *uncond, teacher)
+                target = v_u + pipeline.sampling.cfg_scale * (v_c - v_u)
+        yield {"x_t": x_t, "sigma": sigma, "tokens": tokens, "pooled": pooled, "target": target}
+
+
+def initial_student(exp: Experiment, teacher: torch.nn.Module, pipeline: ShapesPipeline) -> torch.nn.Module:
+    from src.models.convert import convert_flux_to_moe
+    from src.models.prune import block_importance_mse, blocks_to_remove, depth_prune, width_prune
+    from src.models.taylor import load_scores, save_scores, taylor_scores
+
+    spec = exp.student
+    conv, prune = spec.conversion, spec.prune
+    needs_scores = (conv is not None and (conv.split == "taylor" or conv.assignment in ("interleave", "contiguous")))
+    needs_scores = needs_scores or (prune is not None and prune.kind == "width")
+    scores = None
+    if needs_scores:
+        path = exp.output_dir / "taylor_scores.safetensors"
+        if path.exists():
+            scores = load_scores(path)
+        else:
+            def loss_fn(model, b):
+                v = pipeline.velocity(b["x_t"], b["sigma"], b["tokens"], b["pooled"], model)
+                return torch.nn.functional.mse_loss(v, b["target"])
+
+            print(f"Taylor scores over {exp.taylor.batches} calibration batches ({exp.taylor.loss} loss)")
+            scores = taylor_scores(teacher, taylor_batches(exp, pipeline, teacher), loss_fn)
+            save_scores(path, scores)
+    model = teacher
+    if prune is not None and prune.kind == "width":
+        ffn = 4 * teacher.inner_dim
+        model = width_prune(teacher, scores, width=max(1, round(prune.ffn_fraction * ffn)))
+    elif prune is not None:
+        nd, ns = len(teacher.transformer_blocks), len(teacher.single_transformer_blocks)
+        keep_d, keep_s = prune.keep_double or nd, prune.keep_single or ns
+        importance = None
+        if prune.rank == "mse":
+            batches = [
+                {
+                    "hidden_states": b["x_t"],
+                    "encoder_hidden_states": b["tokens"],
+                    "pooled_projections": b["pooled"],
+                    "timestep": b["sigma"],
+                    "img_ids": _ids(pipeline)[0],
+                    "txt_ids": _ids(pipeline, b["tokens"].shape[1])[1],
+                }
+                for b in taylor_batches(exp, pipeline, teacher)
+            ]
+            importance = block_importance_mse(teacher, batches)
+        remove_d = blocks_to_remove(nd, keep_d, importance["double"] if importance else None)
+        remove_s = blocks_to_remove(ns, keep_s, importance["single"] if importance else None)
+        model = depth_prune(teacher, remove_d, remove_s)
+    if conv is not None:
+        return convert_flux_to_moe(model, conv, scores if model is teacher else None).train()
+    return (copy.deepcopy(model) if model is teacher else model).train().requires_grad_(True)
+
+
+def _ids(pipeline: ShapesPipeline, text_len: int = 16):
+    from src.models.flow import image_ids, text_ids
+
+    n = pipeline.tokens_per_side
+    return image_ids(n, n), text_ids(text_len)
+
+
+def add_mob(student: torch.nn.Module, mob: MoBConfig) -> torch.nn.Module:
+    """The same student with MoB groups (fresh routers) over its blocks."""
+    from src.models.flux_moe import FluxMoETransformer2DModel
+
+    config = {k: v for k, v in dict(student.config).items() if not k.startswith("_")}
+    config["mob"] = mob.to_dict()
+    grouped = FluxMoETransformer2DModel.from_config(config)
+    missing, unexpected = grouped.load_state_dict(student.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("mob_groups.") for k in missing), (missing, unexpected)
+    for src_layer, dst_layer in zip(moe_layers(student), moe_layers(grouped)):
+        dst_layer.top_k = src_layer.top_k
+    return grouped.train()
+
+
+# --- stages ---------------------------------------------------------------------------------------------------------
+def _newest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that loads (a run killed while writing one leaves a truncated file behind)."""
+    for path in sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            return path
+        except Exception:  # noqa: BLE001 - any unreadable file is skipped
+            continue
+    return None
+
+
+def run_stage(
+    exp: Experiment, index: int, teacher, student, pipeline: ShapesPipeline, parent_run_id: str
+) -> torch.nn.Module:
+    spec: StageSpec = exp.stages[index]
+    stage_dir = exp.output_dir / spec.name
+    ckpt_dir = stage_dir / "checkpoints"
+    fp = exp.stage_fingerprint(index)
+    meta = stage_dir / "stage.json"
+    if meta.exists() and json.loads(meta.read_text())["fingerprint"] != fp:
+        raise UserError(
+            f"{stage_dir}: holds a stage {spec.name!r} started with a different configuration (e.g. another MoE "
+            "layout); it is kept untouched — use a new output_dir or delete that folder"
+        )
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps({"fingerprint": fp, "stage": spec.name}) + "\n")
+    resume = _newest_checkpoint(ckpt_dir)
+    if resume is not None:
+        saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)
+        keys = set(saved["state_dict"])
+        wanted = {f"student.{k}" for k in student.state_dict()}
+        if keys != wanted:
+            raise UserError(
+                f"checkpoint {resume}: its student does not match this stage's student (different MoE layout or "
+                "blocks); it is kept untouched — use a new output_dir"
+            )
+    module = DistillStage(teacher, student, spec, pipeline, seed=exp.seed + 1009 * index)
+    os.environ["DENSE2MOE_PARENT_RUN_ID"] = parent_run_id
+    logger = MLflowLogger(
+        experiment_name=exp.experiment_name,
+        run_name=f"{exp.name}/{spec.name}",
+        tracking_uri=exp.tracking_uri,
+        tags={"stage": spec.name, "stage_kind": spec.kind, "experiment": exp.name},
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+        every_n_train_steps=spec.checkpoint_every, save_top_k=1, save_last=True,
+    )
+    trainer = L.Trainer(
+        max_steps=spec.steps,
+        accelerator=spec.accelerator,
+        devices=spec.devices,
+        strategy=spec.strategy,
+        precision=spec.precision,
+        gradient_clip_val=spec.gradient_clip_val,
+        logger=logger,
+        callbacks=[checkpoint, ExpertLoadCallback(), StageProgressBar(f"{exp.name}/{spec.name}")],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=min(10, spec.steps),
+        enable_model_summary=False,
+        **spec.extra_trainer,
+    )
+    data = _stream_data(exp, spec.batch_size, offset=104729 * (index + 1))
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    if spec.kind == "shared_kd":
+        set_top_k(student, module.top_k)
+    return student
+
+
+def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
+    from src.training.report import evaluate_experiment
+
+    check_writable_dir(str(exp.output_dir), "output_dir")
+    uri = resolve_tracking_uri(exp.tracking_uri)
+    check_tracking_uri(uri)
+    exp.output_dir.mkdir(parents=True, exist_ok=True)
+    teacher = load_teacher(exp)
+    sampling = SamplingConfig(steps=exp.evaluation.steps, cfg_scale=exp.evaluation.cfg_scale, guidance=exp.teacher.guidance)
+    pipeline = ShapesPipeline(teacher, image_size=exp.data.image_size, sampling=sampling)
+    parent = _parent_run(exp, uri)
+    started = time.perf_counter()
+    student_dir: Path | None = None
+    try:
+        for index, spec in enumerate(exp.stages):
+            stage_dir = exp.output_dir / spec.name
+            done = stage_dir / "done.json"
+            if done.exists():
+                if json.loads(done.read_text())["fingerprint"] != exp.stage_fingerprint(index):
+                    raise UserError(
+                        f"{stage_dir}: finished with a different configuration (e.g. another MoE layout or stage "
+                        "order); it is kept untouched — use a new output_dir"
+                    )
+                print(f"stage {spec.name}: finished earlier, skipped ({stage_dir / 'student'})")
+                student_dir = stage_dir / "student"
+                continue
+            if only_stage is not None and spec.name != only_stage:
+                raise UserError(f"only_stage={only_stage!r}: stage {spec.name!r} before it is not finished yet")
+            if student_dir is None:
+                try:
+                    student = initial_student(exp, teacher, pipeline)
+                except ValueError as err:  # conversion / pruning settings that don't fit this teacher
+                    raise UserError(f"student: {err}") from None
+            else:
+                student = load_transformer(student_dir)
+            if spec.kind == "mob_kd" and not mob_groups(student):
+                student = add_mob(student, exp.student.mob)
+            student = run_stage(exp, index, teacher, student, pipeline, parent)
+            student.save_pretrained(stage_dir / "student")
+            done.write_text(json.dumps({"fingerprint": exp.stage_fingerprint(index), "stage": spec.name}) + "\n")
+            student_dir = stage_dir / "student"
+            if only_stage == spec.name:
+                print(f"stage {spec.name}: done ({student_dir})")
+                return {"student": str(student_dir)}
+    except BaseException:
+        _finish_parent(uri, parent, "FAILED")
+        raise
+    result: dict[str, Any] = {"student": str(student_dir)}
+    if exp.evaluation.enabled:
+        student = load_transformer(student_dir)
+        result |= evaluate_experiment(exp, teacher, student, pipeline, uri, parent)
+    _finish_parent(uri, parent, "FINISHED", time.perf_counter() - started)
+    return result
+
+
+def _parent_run(exp: Experiment, uri: str) -> str:
+    """The experiment's parent MLflow run: reused when the same output folder is resumed."""
+    import mlflow
+
+    state_file = exp.output_dir / "experiment.json"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if state_file.exists():
+        run_id = json.loads(state_file.read_text())["parent_run_id"]
+        try:
+            client.get_run(run_id)
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        except mlflow.exceptions.MlflowException:
+            pass
+    experiment = client.get_experiment_by_name(exp.experiment_name)
+    exp_id = experiment.experiment_id if experiment else client.create_experiment(exp.experiment_name)
+    from src.training.mlflow_logging import git_commit
+
+    tags = {"experiment": exp.name, "kind": "dense2moe"}
+    if git_commit():
+        tags["mlflow.source.git.commit"] = git_commit()
+    run = client.create_run(exp_id, run_name=exp.name, tags=tags)
+    state_file.write_text(json.dumps({"parent_run_id": run.info.run_id, "name": exp.name}) + "\n")
+    return run.info.run_id
+
+
+def _finish_parent(uri: str, run_id: str, status: str, seconds: float | None = None) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if seconds is not None:
+        client.log_metric(run_id, "time/fit_seconds", seconds)
+    client.set_terminated(run_id, status)

@@ -1,0 +1,38 @@
+"""`evaluate --model <transformer folder>` (the shapes world) on a tiny random teacher: defaults, files, MLflow."""
+
+import json
+import os
+
+import mlflow
+from conftest import TINY_FLUX
+
+from src.cli import main
+
+
+def test_shapes_world_evaluate_defaults_to_heldout_prompts_and_shapes_detector(workdir, capsys):
+    from diffusers import FluxTransformer2DModel
+
+    FluxTransformer2DModel(**TINY_FLUX).save_pretrained(workdir / "teacher_tiny")
+    out = workdir / "outputs" / "eval" / "teacher_tiny"
+    main(["evaluate", "--model", str(workdir / "teacher_tiny"), "--limit", "3", "--images_per_prompt", "2",
+          "--steps", "1"])  # fmt: skip
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["detector"] == "shapes" and summary["images"] == 6
+    assert set(summary) >= {"overall", "tasks", "cost", "latency"}
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and json.loads(lines[0])["tag"] == "single_object"
+    assert json.loads((out / "generation.json").read_text())["images_per_prompt"] == 2
+    assert "Overall score (avg. over tasks)" in capsys.readouterr().out
+
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
+    assert run.info.run_name == "teacher_tiny"
+    assert {"geneval_shapes/overall", "geneval_shapes/single_object", "params/activated", "flops"} <= set(
+        run.data.metrics
+    )
+    assert run.data.params["steps"] == "1" and run.data.params["detector"] == "shapes"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "geneval_tasks.md"} <= artifacts
+    if not all(json.loads(line)["correct"] for line in lines):
+        assert {"worst_failures.png", "worst_failures.txt"} <= artifacts
