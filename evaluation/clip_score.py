@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from evaluation.generate import short_reason
 from src.errors import UserError
 
 DEFAULT_CLIP_MODEL = "ViT-L-14-quickgelu"
@@ -94,9 +95,9 @@ def _resolve_weights(architecture: str, pretrained: str) -> None:
     try:
         registry.download_pretrained(cfg)  # a cache hit when the weights were fetched before
     except (OSError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"CLIP weights {architecture} (pretrained={pretrained!r}) are not available here ({first}); {_HOW_TO}"
+            f"CLIP weights {architecture} (pretrained={pretrained!r}) are not available here ({short_reason(exc)}); "
+            f"{_HOW_TO}"
         ) from None
 
 
@@ -115,8 +116,9 @@ def load_open_clip(
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=weights, device=device)
     except (OSError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"CLIP model {model_name} (pretrained={pretrained!r}) cannot be loaded: {first}") from None
+        raise UserError(
+            f"CLIP model {model_name} (pretrained={pretrained!r}) cannot be loaded: {short_reason(exc)}"
+        ) from None
     return OpenClip(model.eval(), preprocess, open_clip.get_tokenizer(architecture), architecture)
 
 

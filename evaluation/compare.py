@@ -150,9 +150,7 @@ def compare(
     ]
     plotted = [r for r in rows if r.get(ACTIVATED) is not None and math.isfinite(r[metric])]
     if not plotted:
-        raise UserError(
-            f"experiment {experiment!r}: no run with {metric!r} also has {ACTIVATED!r} (evaluate logs it)"
-        )
+        raise UserError(f"experiment {experiment!r}: no run with {metric!r} also has {ACTIVATED!r} (evaluate logs it)")
     front = pareto_front([(r[ACTIVATED], r[metric]) for r in plotted], maximize)
     front_ids = {plotted[i]["run_id"] for i in front}
     for row in rows:

@@ -206,7 +206,8 @@ def evaluate(
     if detector not in DETECTORS:
         raise UserError(f"detector={detector!r}: allowed {', '.join(DETECTORS)}")
     target = resolve_device(device)
-    metadata = load_prompt_set(prompts or ("geneval" if flux else "shapes-heldout"), image_size)[:limit]
+    prompt_set = prompts or ("geneval" if flux else "shapes-heldout")
+    metadata = load_prompt_set(prompt_set, image_size)[:limit]
     out_dir = Path(out or f"outputs/eval/{Path(transformer or model).name}")
     if reference is not None:
         from evaluation.fidelity import check_reference
@@ -230,31 +231,18 @@ def evaluate(
         )
     else:
         generator, info, cost = _shapes_generator(model, image_size, steps or 20, cfg_scale, top_k, target)
-    info.update(seed=seed, images_per_prompt=images_per_prompt, detector=detector, prompts=prompts or "default")
+    info["prompt_set"] = prompt_set
     started = time.perf_counter()
     batch = batch_size or (4 if flux else 64)
     generated = generate_images(generator, metadata, out_dir, images_per_prompt, batch, seed, info)
     seconds = time.perf_counter() - started
+    info.update(limit=limit, seed=seed, images_per_prompt=images_per_prompt, detector=detector)
     del generator
     gc.collect()
     if target.type == "cuda":
         torch.cuda.empty_cache()
 
-    for stale in ("results.jsonl", "summary.json", "clip_scores.jsonl"):
-        (out_dir / stale).unlink(missing_ok=True)
-    records, summary = [], {}
-    if scorer is not None:
-        scorer.to(target)
-    if detector != "none":
-        records, summary = score_folder(out_dir, detector, scorer)
-    summary = {**summary, "detector": detector, "images": len(iter_samples(out_dir))}
-    if clip_score:
-        clip_records, summary["clip_score"] = clip_score_folder(out_dir, clip.to(target))
-        _atomic_write(out_dir / "clip_scores.jsonl", "".join(json.dumps(r) + "\n" for r in clip_records))
-    if reference is not None:
-        from evaluation.fidelity import fidelity_folders
-
-        summary["fidelity"] = fidelity_folders(out_dir, reference, target)
+    records, summary = _score(out_dir, detector, scorer, clip if clip_score else None, reference, target)
     summary["cost"] = cost
     if generated:
         summary["latency"] = {"generate_s_per_image": seconds / generated}
@@ -271,6 +259,24 @@ def evaluate(
     if log_mlflow:
         _log_to_mlflow(summary, records, out_dir, experiment_name, run_name or out_dir.name, tracking_uri, info)
     return summary
+
+
+def _score(out_dir: Path, detector: str, scorer, clip, reference: str | None, device) -> tuple[list[dict], dict]:
+    """GenEval records and the summary (GenEval, CLIP score, fidelity); stale results are deleted first."""
+    for stale in ("results.jsonl", "summary.json", "clip_scores.jsonl"):
+        (out_dir / stale).unlink(missing_ok=True)
+    records, summary = [], {}
+    if detector != "none":
+        records, summary = score_folder(out_dir, detector, scorer.to(device) if scorer else None)
+    summary = {**summary, "detector": detector, "images": len(iter_samples(out_dir))}
+    if clip is not None:
+        clip_records, summary["clip_score"] = clip_score_folder(out_dir, clip.to(device))
+        _atomic_write(out_dir / "clip_scores.jsonl", "".join(json.dumps(r) + "\n" for r in clip_records))
+    if reference is not None:
+        from evaluation.fidelity import fidelity_folders
+
+        summary["fidelity"] = fidelity_folders(out_dir, reference, device)
+    return records, summary
 
 
 def _shapes_generator(model: str, image_size: int, steps: int, cfg_scale: float, top_k: int | None, device):

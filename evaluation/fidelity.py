@@ -112,9 +112,9 @@ def check_reference(reference: str | Path, metadata: list[dict], seed: int, imag
     """A reference evaluate folder that was generated from the same prompts and seed (so pairs share noise)."""
     reference = Path(reference)
     marker = reference / "generation.json"
-    if not marker.is_file():
-        raise UserError(f"reference {reference}: not a complete evaluate output (no generation.json)")
-    info = json.loads(marker.read_text())
+    info = json.loads(marker.read_text()) if marker.is_file() else {}
+    if not info.get("complete"):
+        raise UserError(f"reference {reference}: not a complete evaluate output (see its generation.json)")
     if info.get("seed") != seed or info.get("images_per_prompt", 0) < images_per_prompt:
         raise UserError(
             f"reference {reference} was generated with seed={info.get('seed')}, "

@@ -2,8 +2,9 @@
 
 Layout (what GenEval's own ``evaluate_images.py`` reads): ``<out>/<%05d>/metadata.jsonl`` (the prompt's metadata
 as one JSON line) and ``<out>/<%05d>/samples/<%04d>.png``. Images are written atomically (temp file + rename), so
-a killed run leaves only whole images; a rerun generates only the missing ones. ``<out>/generation.json`` is
-written last, and only when every image exists: a partial run is never marked complete.
+a killed run leaves only whole images; a rerun generates only the missing ones. ``<out>/generation.json`` records the
+model and sampling settings (a rerun with other settings is refused) and says ``"complete": true`` only once
+every image exists.
 
 Generators are callables ``(prompts, seeds) -> uint8 (B, H, W, 3)``: the shapes world's ``ShapesPipeline`` or
 ``FluxGenerator`` around a diffusers ``FluxPipeline`` (FLUX.1-dev, or any pipeline folder whose transformer is
@@ -75,6 +76,17 @@ def _prepare_folders(out: Path, metadata: list[dict]) -> None:
         meta_file.write_text(line + "\n")
 
 
+def _check_settings(marker: Path, settings: dict) -> None:
+    """A folder resumes only under the settings that made its images (model, sampling, seed)."""
+    if not marker.is_file():
+        return
+    old = json.loads(marker.read_text())
+    changed = {k: (old[k], v) for k, v in settings.items() if k in old and old[k] != v}
+    if changed:
+        parts = ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changed.items())
+        raise UserError(f"{marker.parent} holds images made with other settings ({parts}); use a new --out")
+
+
 def generate_images(
     generate: Generator,
     metadata: list[dict],
@@ -84,9 +96,15 @@ def generate_images(
     seed: int = 0,
     info: dict | None = None,
 ) -> int:
-    """Generate every missing image; returns how many were generated now. ``generate(prompts, seeds)`` → uint8."""
+    """Generate every missing image; returns how many were generated now. ``generate(prompts, seeds)`` → uint8.
+
+    ``info`` (model and sampling settings, JSON-serialisable) is stored in generation.json with the seed; a rerun
+    with different values is refused, so a folder never mixes images of two models.
+    """
     out = Path(out)
-    done_marker = out / "generation.json"
+    marker = out / "generation.json"
+    settings = {"seed": seed, **json.loads(json.dumps(info or {}))}
+    _check_settings(marker, settings)
     try:
         out.mkdir(parents=True, exist_ok=True)
         _prepare_folders(out, metadata)
@@ -98,8 +116,9 @@ def generate_images(
         for k in range(images_per_prompt)
         if not (out / f"{i:05d}" / "samples" / f"{k:04d}.png").exists()
     ]
-    if todo and done_marker.exists():
-        done_marker.unlink()
+    record = {"prompts": len(metadata), "images_per_prompt": images_per_prompt, **settings}
+    if todo:
+        marker.write_text(json.dumps({"complete": False, **record}, indent=1) + "\n")
     columns = (TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not todo) as progress:
         task = progress.add_task("generate", total=len(todo))
@@ -112,8 +131,7 @@ def generate_images(
                 Image.fromarray(image).save(tmp)
                 os.replace(tmp, path)
             progress.advance(task, len(chunk))
-    record = {"complete": True, "prompts": len(metadata), "images_per_prompt": images_per_prompt, "seed": seed}
-    done_marker.write_text(json.dumps({**record, **(info or {})}, indent=1) + "\n")
+    marker.write_text(json.dumps({"complete": True, **record}, indent=1) + "\n")
     return len(todo)
 
 
@@ -129,17 +147,28 @@ def iter_samples(out: str | Path) -> list[tuple[str, dict, Path]]:
     return items
 
 
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception's message, for one-line errors about missing files or weights."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0][:limit]
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" → cuda when available, else cpu."""
+    """ "auto" → cuda when available, else cpu."""
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
+def is_hub_id(name: str) -> bool:
+    """ "org/name" that is no local path (neither it nor its first folder exists here, e.g. checkpoints/x)."""
+    path = Path(name).expanduser()
+    local = path.exists() or path.parent.exists() and str(path.parent) != "."
+    return not local and not name.startswith(("/", ".", "~")) and name.count("/") == 1
+
+
 def is_flux_pipeline(model: str) -> bool:
-    """A diffusers pipeline folder (model_index.json) or a hub id (org/name that is no local path)."""
+    """A diffusers pipeline folder (model_index.json) or a hub id."""
     path = Path(model).expanduser()
-    if path.is_dir():
-        return (path / "model_index.json").is_file()
-    return not path.exists() and not model.startswith(("/", ".", "~")) and model.count("/") == 1
+    return (path / "model_index.json").is_file() if path.is_dir() else is_hub_id(model)
 
 
 def load_flux_pipeline(model: str, transformer: str | None = None, dtype: str = "auto", device: str = "auto"):
@@ -158,9 +187,8 @@ def load_flux_pipeline(model: str, transformer: str | None = None, dtype: str = 
     try:
         pipe = FluxPipeline.from_pretrained(model, dtype=torch_dtype, **components)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"FLUX pipeline {model!r} cannot be loaded ({first}); pass --model a diffusers FluxPipeline folder "
+            f"FLUX pipeline {model!r} cannot be loaded ({short_reason(exc)}); pass --model a diffusers FluxPipeline folder "
             "(model_index.json, e.g. a local FLUX.1-dev) or a hub id whose files are cached"
         ) from None
     pipe.set_progress_bar_config(disable=True)

@@ -128,19 +128,26 @@ def load_detector(name_or_path: str = DEFAULT_DETECTOR, device: str = "cpu"):
     """(Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor) from a local folder or a hub id."""
     from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
-    path = Path(name_or_path).expanduser()
-    is_path = path.exists() or name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") != 1
-    if is_path and not path.is_dir():
+    from evaluation.generate import is_hub_id, short_reason
+
+    hub = is_hub_id(name_or_path)
+    source = name_or_path if hub else str(Path(name_or_path).expanduser())
+    if not hub and not Path(source).is_dir():
         raise UserError(f"detector weights {name_or_path!r}: no such folder; {_HOW_TO}")
-    source = str(path) if is_path else name_or_path
     try:
         processor = Mask2FormerImageProcessor.from_pretrained(source)
+        size = processor.size
+        if size.shortest_edge and not size.longest_edge and not size.height:
+            # Legacy configs give only a short side ("size": 384); transformers 5 needs a long side too. A huge one
+            # keeps transformers 4's behaviour: short side resized to that value, aspect ratio kept.
+            processor = Mask2FormerImageProcessor.from_pretrained(
+                source, size={"shortest_edge": size.shortest_edge, "longest_edge": 1000 * size.shortest_edge}
+            )
         model = Mask2FormerForUniversalSegmentation.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"detector weights {name_or_path!r} (Mask2Former, COCO instance segmentation) are not available here "
-            f"({first}); {_HOW_TO}"
+            f"({short_reason(exc)}); {_HOW_TO}"
         ) from None
     return model.eval().to(device), processor
 

@@ -15,11 +15,17 @@ from src.errors import UserError
 
 # name → "module:function"; each function's signature and docstring are its command line and --help.
 TOOLS: dict[str, str] = {
+    "params": "src.commands:params",
     "evaluate": "evaluation.evaluate:evaluate",
     "compare": "evaluation.compare:compare",
 }
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _instantiate(parser, cfg):
+    """jsonargparse ≥ 4.49 renamed ``instantiate_classes`` to ``instantiate``."""
+    return (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg)
 
 
 def _lightning_cli(args: list[str] | None) -> None:
@@ -60,18 +66,30 @@ def _run_function(fn: Any, args: list[str]) -> Any:
 
     Building the config objects runs their validation, so a ValueError there is bad input, reported as one line.
     """
+    import inspect
+
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog=f"python -m src.cli {getattr(fn, '__name__', '')}", exit_on_error=False)
-    parser.add_argument("--config", "-c", action=ActionConfigFile, help="YAML file with any of the arguments below")
+    if "config" not in inspect.signature(fn).parameters:  # e.g. `params --config X` names the experiment itself
+        parser.add_argument("--config", "-c", action=ActionConfigFile, help="YAML file with any of the arguments below")
     parser.add_function_arguments(fn, as_positional=False)
+    flags = {f"--{n}" for n, p in inspect.signature(fn).parameters.items() if p.annotation in (bool, "bool")}
+    args = [a for i, arg in enumerate(args) for a in _bare_flag(arg, args[i + 1 : i + 2], flags)]
     cfg = parser.parse_args(args)
     try:
-        init = parser.instantiate_classes(cfg)
+        init = _instantiate(parser, cfg)
     except ValueError as err:
         raise UserError(f"invalid configuration: {_root_cause(err)}") from None
-    kwargs = {k: v for k, v in vars(init).items() if k != "config"}
+    kwargs = {k: v for k, v in vars(init).items() if k != "config" or "config" in inspect.signature(fn).parameters}
     return fn(**kwargs)
+
+
+def _bare_flag(arg: str, following: list[str], flags: set[str]) -> list[str]:
+    """``--json`` alone means ``--json true`` for boolean tool options."""
+    if arg in flags and (not following or following[0].startswith("--")):
+        return [arg, "true"]
+    return [arg]
 
 
 def _run_tool(name: str, args: list[str]) -> Any:

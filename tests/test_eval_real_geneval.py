@@ -43,7 +43,12 @@ PROMPTS = [
 
 def tiny_mask2former(folder: Path, favourite: str = "cup") -> Path:
     """A random Mask2Former (tiny Swin) with COCO labels whose class head prefers ``favourite`` (so it detects)."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
 
     torch.manual_seed(0)
     swin = SwinConfig(
@@ -103,7 +108,9 @@ def flux_args(assets, out: Path) -> list[str]:
 
 def test_real_geneval_end_to_end_offline(workdir, assets, capsys):
     out = workdir / "flux_eval"
-    main([*flux_args(assets, out), "--detector_model", str(assets["detector"]), *assets["clip"], "--clip_score", "true"])
+    main(
+        [*flux_args(assets, out), "--detector_model", str(assets["detector"]), *assets["clip"], "--clip_score", "true"]
+    )
 
     assert json.loads((out / "generation.json").read_text())["complete"] is True
     assert (out / "00003" / "metadata.jsonl").is_file() and (out / "00003" / "samples" / "0001.png").is_file()
@@ -168,6 +175,20 @@ def test_missing_weights_fail_with_one_line_before_generating(workdir, assets, c
     else:
         assert "CLIP weights" in line and "nonexistent.pt" in line and "--clip_pretrained" in line
     assert not out.exists()  # nothing generated, no results, no summary
+
+
+def test_legacy_processor_config_with_only_a_short_side_still_loads(assets, tmp_path):
+    """Older Mask2Former processor configs say "size": N; transformers 5 refuses that without a long side."""
+    import shutil
+
+    from evaluation.real_geneval import load_detector
+
+    folder = shutil.copytree(assets["detector"], tmp_path / "legacy")
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**config, "size": 48}))
+    _, processor = load_detector(str(folder))
+    pixels = processor(images=[np.zeros((200, 100, 3), dtype=np.uint8)], return_tensors="pt")["pixel_values"]
+    assert tuple(pixels.shape[-2:]) == (96, 64)  # short side 100 → 48 (so 96 × 48), padded to multiples of 32
 
 
 def geneval_summary_scores(lines: list[dict]) -> dict:

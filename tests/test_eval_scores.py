@@ -62,7 +62,11 @@ def test_colour_classifier_uses_the_instance_mask_over_grey_and_geneval_template
     ]
     crop = np.asarray(clip.crops[0])
     assert crop.shape == (10, 30, 3) and tuple(crop[0, -1]) == BACKGROUND
-    assert len(clip.texts) == 30 and {"a photo of a red cup", "a photo of a red-colored cup", "a photo of a red object"} <= set(clip.texts)
+    assert len(clip.texts) == 30 and {
+        "a photo of a red cup",
+        "a photo of a red-colored cup",
+        "a photo of a red object",
+    } <= set(clip.texts)
     assert torch.allclose(classifier.text_embeddings("cup").norm(dim=-1), torch.ones(10))
 
 
@@ -202,7 +206,7 @@ def test_fidelity_lpips_with_local_backbone_weights(monkeypatch, tmp_path):
 def test_reference_must_share_prompts_and_seed(tmp_path):
     (tmp_path / "00000").mkdir()
     (tmp_path / "00000" / "metadata.jsonl").write_text(json.dumps({"prompt": "a cat"}) + "\n")
-    (tmp_path / "generation.json").write_text(json.dumps({"seed": 1, "images_per_prompt": 4}))
+    (tmp_path / "generation.json").write_text(json.dumps({"complete": True, "seed": 1, "images_per_prompt": 4}))
     assert check_reference(tmp_path, [{"prompt": "a cat"}], seed=1, images_per_prompt=4) == tmp_path
     with pytest.raises(UserError, match="same seed"):
         check_reference(tmp_path, [{"prompt": "a cat"}], seed=0, images_per_prompt=4)

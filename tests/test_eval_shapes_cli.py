@@ -4,6 +4,7 @@ import json
 import os
 
 import mlflow
+import pytest
 from conftest import TINY_FLUX
 
 from src.cli import main
@@ -36,3 +37,18 @@ def test_shapes_world_evaluate_defaults_to_heldout_prompts_and_shapes_detector(w
     assert {"summary.json", "geneval_tasks.md"} <= artifacts
     if not all(json.loads(line)["correct"] for line in lines):
         assert {"worst_failures.png", "worst_failures.txt"} <= artifacts
+
+    # The folder holds this model's images at 1 step: another setting must not resume into it.
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(workdir / "teacher_tiny"), "--limit", "3", "--steps", "2"])
+    assert "holds images made with other settings (steps 1 → 2)" in capsys.readouterr().err
+
+
+def test_relative_checkpoint_paths_are_not_mistaken_for_hub_ids(workdir, capsys):
+    from evaluation.generate import is_hub_id
+
+    (workdir / "checkpoints").mkdir()
+    assert not is_hub_id("checkpoints/teacher_tiny") and is_hub_id("black-forest-labs/FLUX.1-dev")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", "checkpoints/teacher_tiny", "--log_mlflow", "false"])
+    assert "checkpoint checkpoints/teacher_tiny: no diffusers config.json" in capsys.readouterr().err

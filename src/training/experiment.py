@@ -35,8 +35,8 @@ class TeacherSpec:
     """diffusers folder of a ``FluxTransformer2DModel`` (or a hub id, with ``subfolder``)."""
     subfolder: str | None = None
     """Subfolder inside ``path`` (``transformer`` for a full FLUX pipeline folder)."""
-    preset: str | None = None
-    """Config preset ("flux-dev", "tiny") used to count parameters without weights."""
+    preset: str | None = "teacher-tiny"
+    """Config preset ("flux-dev", "teacher-tiny", "tiny") used to count parameters without weights."""
     expected: dict[str, Any] = field(default_factory=dict)
     """Config entries the checkpoint must have (a mismatch is refused)."""
     guidance: float = 3.5

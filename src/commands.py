@@ -1,0 +1,156 @@
+"""Tools behind ``python -m src.cli <tool>`` that need no Trainer: ``params`` (accounting without weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json as jsonlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.errors import UserError
+
+
+def _instantiate(parser, cfg):
+    """jsonargparse ≥ 4.49 renamed ``instantiate_classes`` to ``instantiate``."""
+    return (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg)
+
+
+def _load_experiment(config: str) -> dict[str, Any]:
+    """The experiment's arguments as run_experiment would receive them (dataclasses built and validated)."""
+    from jsonargparse import ArgumentParser
+
+    from src.training.experiment import is_experiment_config, run_experiment
+
+    if not Path(config).is_file():
+        raise UserError(f"config {config}: no such file")
+    if not is_experiment_config(config):
+        raise UserError(f"config {config}: not a Dense2MoE experiment (it has no 'stages'); params needs one")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_function_arguments(run_experiment, as_positional=False)
+    try:
+        cfg = parser.parse_path(config)
+        return vars(_instantiate(parser, cfg))
+    except ValueError as err:
+        raise UserError(f"config {config}: {err}") from None
+
+
+def _teacher_config(teacher) -> dict[str, Any]:
+    from src.models.presets import flux_config
+
+    folder = Path(teacher.path) / (teacher.subfolder or "")
+    if (folder / "config.json").is_file():
+        raw = jsonlib.loads((folder / "config.json").read_text())
+        return {k: v for k, v in raw.items() if not k.startswith("_")}
+    if teacher.preset:
+        return flux_config(teacher.preset)
+    raise UserError(f"teacher {teacher.path}: no local config.json and no teacher.preset to count parameters from")
+
+
+def build_on_meta(args: dict[str, Any]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Teacher and student of an experiment on the meta device: their structure, no weights, no memory."""
+    from diffusers import FluxTransformer2DModel
+
+    from src.models.convert import convert_flux_to_moe
+    from src.models.flux_moe import FluxMoETransformer2DModel, dense_ffns, init_config
+    from src.models.prune import blocks_to_remove, depth_prune, width_prune
+
+    spec = args["student"]
+    with torch.device("meta"):
+        teacher = FluxTransformer2DModel(**_teacher_config(args["teacher"]))
+    model = teacher
+    if spec is not None and spec.prune is not None:
+        prune = spec.prune
+        if prune.kind == "width":
+            # structure only: which neurons survive does not change the counts
+            scores = {name: torch.arange(ffn.up.out_features, 0, -1.0) for name, ffn in dense_ffns(teacher).items()}
+            model = width_prune(teacher, scores, width=max(1, round(prune.ffn_fraction * 4 * teacher.inner_dim)))
+        else:
+            nd, ns = len(teacher.transformer_blocks), len(teacher.single_transformer_blocks)
+            model = depth_prune(
+                teacher,
+                blocks_to_remove(nd, prune.keep_double or nd),
+                blocks_to_remove(ns, prune.keep_single or ns),
+            )
+    if spec is not None and spec.conversion is not None:
+        conv = dataclasses.replace(spec.conversion, split="contiguous", assignment="contiguous", router_init="zeros")
+        model = convert_flux_to_moe(model, conv)
+    if spec is not None and spec.mob is not None:
+        config = init_config(model) | {"mob": spec.mob.to_dict()}
+        with torch.device("meta"):
+            model = FluxMoETransformer2DModel(**config)
+    return teacher, model
+
+
+def params(
+    config: str,
+    json: bool = False,
+    height: int | None = None,
+    width: int | None = None,
+    text_len: int | None = None,
+) -> dict[str, Any]:
+    """Total and activated parameters per component, and FLOPs per image per step, of an experiment's teacher and
+    student — counted on the meta device, so FLUX.1-dev needs no weights.
+
+    Args:
+        config: An experiment YAML (with ``stages``).
+        json: Print one JSON object (keys total, activated, activated_without_modulation, flops, teacher, …).
+        height: Image height in pixels for FLOPs (default: the experiment's data.image_size).
+        width: Image width in pixels (default: height).
+        text_len: Text tokens for FLOPs (default 512 for FLUX-size teachers, 16 for the shapes world).
+    """
+    from src.models.accounting import count_params, flops_per_image
+
+    from src.training.experiment import DataSpec, TeacherSpec
+
+    args = _load_experiment(config)
+    args["teacher"] = args.get("teacher") or TeacherSpec()
+    args["data"] = args.get("data") or DataSpec()
+    teacher, student = build_on_meta(args)
+    size = height or args["data"].image_size
+    w = width or size
+    shapes_world = teacher.config.in_channels == 48
+    if shapes_world:
+        patch = int((teacher.config.in_channels // 3) ** 0.5)
+        flop_args = {"image_tokens": (size // patch) * (w // patch), "text_len": text_len or 16}
+    else:
+        flop_args = {"height": size, "width": w, "text_len": text_len or 512}
+    report: dict[str, Any] = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        counts = count_params(model)
+        flops = flops_per_image(model, **flop_args)
+        report[name] = {
+            "total": counts["total"],
+            "activated": counts["activated"],
+            "activated_without_modulation": counts["activated_without_modulation"],
+            "flops": flops["total"],
+            "by_component": counts["by_component"],
+        }
+    out = {k: report["student"][k] for k in ("total", "activated", "activated_without_modulation", "flops")}
+    out |= {"teacher": report["teacher"], "student": report["student"], "flops_at": flop_args}
+    if json:
+        print(jsonlib.dumps(out, indent=1, default=int))
+    else:
+        print(_params_table(report, flop_args))
+    return out
+
+
+def _params_table(report: dict[str, Any], flop_args: dict[str, Any]) -> str:
+    def fmt(n: float) -> str:
+        return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
+
+    lines = ["| component | teacher total | teacher activated | student total | student activated |", "|---|---:|---:|---:|---:|"]
+    comps = report["teacher"]["by_component"].keys() | report["student"]["by_component"].keys()
+    for comp in sorted(comps):
+        t = report["teacher"]["by_component"].get(comp, {"total": 0, "activated": 0})
+        s = report["student"]["by_component"].get(comp, {"total": 0, "activated": 0})
+        if t["total"] or s["total"]:
+            lines.append(f"| {comp} | {fmt(t['total'])} | {fmt(t['activated'])} | {fmt(s['total'])} | {fmt(s['activated'])} |")
+    t, s = report["teacher"], report["student"]
+    lines.append(f"| **all** | {t['total']:,} | {t['activated']:,} | {s['total']:,} | {s['activated']:,} |")
+    lines.append(
+        f"| activated w/o AdaLN modulation | | {t['activated_without_modulation']:,} | | {s['activated_without_modulation']:,} |"
+    )
+    lines.append(f"| FLOPs / image / step ({flop_args}) | | {t['flops']:.4g} | | {s['flops']:.4g} |")
+    return "\n".join(lines)
