@@ -28,7 +28,9 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
 
 def debug_args(teacher: Path, out: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", DEBUG, "--teacher.path", str(teacher), "--output_dir", str(out), "--threads", "1", *extra]
+    """debug.yaml on the tiny test teacher (2 single blocks: MoB groups of 2)."""
+    return ["fit", "--config", DEBUG, "--teacher.path", str(teacher), "--output_dir", str(out), "--threads", "1",
+            "--student.mob.group_size", "2", "--student.mob.active", "1", *extra]
 
 
 def one_error_line(err: str) -> str:
@@ -60,7 +62,7 @@ def test_debug_experiment_end_to_end(tiny_teacher, workdir, capsys):
     assert "report" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     # the final student is a diffusers folder with MoB groups and top-2 MoE layers
     config = json.loads((workdir / "run" / "stage3_mob" / "student" / "config.json").read_text())
-    assert config["_class_name"] == "FluxMoETransformer2DModel" and config["mob"]["active"] == 2
+    assert config["_class_name"] == "FluxMoETransformer2DModel" and config["mob"]["active"] == 1
 
     capsys.readouterr()
     main(debug_args(tiny_teacher, workdir / "run", "--evaluation.enabled", "false"))
@@ -131,6 +133,7 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_checkpoint(tiny_teacher, wo
         (["--teacher.expected", '{"num_layers": 7}'], "does not match"),
         (["--student.conversion.layout", "1S5E2A"], "cannot split"),
         (["--stages", '[{"name": "a", "kind": "warp_kd"}]'], "kind"),
+        (["--student.mob.group_size", "3"], "group_size"),
     ],
 )
 def test_bad_experiments_are_refused_with_one_line(tiny_teacher, workdir, capsys, extra, expected):

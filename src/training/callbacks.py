@@ -33,8 +33,8 @@ class ExpertLoadCallback(Callback):
     timestep-bucket heatmap (σ buckets × experts, summed over layers) as MLflow images.
     """
 
-    def __init__(self, every_n_steps: int = 10) -> None:
-        self.every_n_steps = every_n_steps
+    def __init__(self) -> None:
+        # metrics go through LightningModule.log, which writes at the Trainer's log_every_n_steps
         self._hooks: list = []
         self.load_LE: torch.Tensor | None = None
         self.bucket_UE: torch.Tensor | None = None
@@ -71,8 +71,6 @@ class ExpertLoadCallback(Callback):
             return
         for i, layer in enumerate(self._layers):
             self.load_LE[i] += layer.last_counts.detach().cpu().double()
-        if trainer.global_step % self.every_n_steps:
-            return
         stats = [layer.load_stats() for layer in self._layers]
         if not stats or not stats[0]:
             return

@@ -221,6 +221,13 @@ def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
     check_tracking_uri(uri)
     exp.output_dir.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(exp)
+    if exp.student.mob is not None:
+        from src.models.mob import group_spans
+
+        try:  # refuse MoB groups that don't fit the teacher before any stage runs
+            group_spans(exp.student.mob, len(teacher.transformer_blocks), len(teacher.single_transformer_blocks))
+        except ValueError as err:
+            raise UserError(f"student.mob: {err}") from None
     sampling = SamplingConfig(steps=exp.evaluation.steps, cfg_scale=exp.evaluation.cfg_scale, guidance=exp.teacher.guidance)
     pipeline = ShapesPipeline(teacher, image_size=exp.data.image_size, sampling=sampling)
     parent = _parent_run(exp, uri)
