@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch===2.13.0 (exact, no local label) is the registry wheel everywhere; see constraints.txt.
 STAMP := $(VENV)/.installed
-MAIN_CONFIG ?= experiments/teacher_tiny.yaml
+MAIN_CONFIG ?= experiments/moe_s.yaml
 
 .PHONY: install run test lint format
 

@@ -101,7 +101,6 @@ def params(
         text_len: Text tokens for FLOPs (default 512 for FLUX-size teachers, 16 for the shapes world).
     """
     from src.models.accounting import count_params, flops_per_image
-
     from src.training.experiment import DataSpec, TeacherSpec
 
     args = _load_experiment(config)
@@ -140,13 +139,18 @@ def _params_table(report: dict[str, Any], flop_args: dict[str, Any]) -> str:
     def fmt(n: float) -> str:
         return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
 
-    lines = ["| component | teacher total | teacher activated | student total | student activated |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| component | teacher total | teacher activated | student total | student activated |",
+        "|---|---:|---:|---:|---:|",
+    ]
     comps = report["teacher"]["by_component"].keys() | report["student"]["by_component"].keys()
     for comp in sorted(comps):
         t = report["teacher"]["by_component"].get(comp, {"total": 0, "activated": 0})
         s = report["student"]["by_component"].get(comp, {"total": 0, "activated": 0})
         if t["total"] or s["total"]:
-            lines.append(f"| {comp} | {fmt(t['total'])} | {fmt(t['activated'])} | {fmt(s['total'])} | {fmt(s['activated'])} |")
+            lines.append(
+                f"| {comp} | {fmt(t['total'])} | {fmt(t['activated'])} | {fmt(s['total'])} | {fmt(s['activated'])} |"
+            )
     t, s = report["teacher"], report["student"]
     lines.append(f"| **all** | {t['total']:,} | {t['activated']:,} | {s['total']:,} | {s['activated']:,} |")
     lines.append(

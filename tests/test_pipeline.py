@@ -29,8 +29,22 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
 def debug_args(teacher: Path, out: Path, *extra: str) -> list[str]:
     """debug.yaml on the tiny test teacher (2 single blocks: MoB groups of 2)."""
-    return ["fit", "--config", DEBUG, "--teacher.path", str(teacher), "--output_dir", str(out), "--threads", "1",
-            "--student.mob.group_size", "2", "--student.mob.active", "1", *extra]
+    return [
+        "fit",
+        "--config",
+        DEBUG,
+        "--teacher.path",
+        str(teacher),
+        "--output_dir",
+        str(out),
+        "--threads",
+        "1",
+        "--student.mob.group_size",
+        "2",
+        "--student.mob.active",
+        "1",
+        *extra,
+    ]
 
 
 def one_error_line(err: str) -> str:
@@ -77,10 +91,19 @@ def _student_state(folder: Path) -> dict:
 
 def test_killed_run_resumes_to_the_same_result(tiny_teacher, workdir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    steps = ["--stages", json.dumps([
-        {"name": "s1", "kind": "shared_kd", "steps": 8, "batch_size": 4, "checkpoint_every": 2},
-        {"name": "s2", "kind": "moe_kd", "steps": 12, "batch_size": 4, "checkpoint_every": 2},
-    ]), "--evaluation.enabled", "false", "--student.mob", "null"]
+    steps = [
+        "--stages",
+        json.dumps(
+            [
+                {"name": "s1", "kind": "shared_kd", "steps": 8, "batch_size": 4, "checkpoint_every": 2},
+                {"name": "s2", "kind": "moe_kd", "steps": 12, "batch_size": 4, "checkpoint_every": 2},
+            ]
+        ),
+        "--evaluation.enabled",
+        "false",
+        "--student.mob",
+        "null",
+    ]
     cmd = [sys.executable, "-m", "src.cli", *debug_args(tiny_teacher, workdir / "ref", *steps)]
     subprocess.run(cmd, env=env, cwd=workdir, check=True, capture_output=True)
     killed = [sys.executable, "-m", "src.cli", *debug_args(tiny_teacher, workdir / "killed", *steps)]
@@ -93,7 +116,10 @@ def test_killed_run_resumes_to_the_same_result(tiny_teacher, workdir):
     proc.wait()
     assert not (workdir / "killed" / "s2" / "done.json").exists(), "the kill came too late to test resuming"
     subprocess.run(killed, env=env, cwd=workdir, check=True, capture_output=True)
-    ref, resumed = _student_state(workdir / "ref" / "s2" / "student"), _student_state(workdir / "killed" / "s2" / "student")
+    ref, resumed = (
+        _student_state(workdir / "ref" / "s2" / "student"),
+        _student_state(workdir / "killed" / "s2" / "student"),
+    )
     assert ref.keys() == resumed.keys()
     for key in ref:
         assert torch.equal(ref[key], resumed[key]), key
@@ -145,12 +171,25 @@ def test_bad_experiments_are_refused_with_one_line(tiny_teacher, workdir, capsys
 
 def test_a_finished_stage_from_another_layout_is_refused_and_untouched(tiny_teacher, workdir, capsys):
     one_stage = ["--stages", '[{"name": "s1", "kind": "shared_kd", "steps": 2, "batch_size": 4}]']
-    main(debug_args(tiny_teacher, workdir / "run", *one_stage, "--evaluation.enabled", "false", "--student.mob", "null"))
+    main(
+        debug_args(tiny_teacher, workdir / "run", *one_stage, "--evaluation.enabled", "false", "--student.mob", "null")
+    )
     done = workdir / "run" / "s1" / "student" / "diffusion_pytorch_model.safetensors"
     before = done.read_bytes()
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        main(debug_args(tiny_teacher, workdir / "run", *one_stage, "--evaluation.enabled", "false",
-                        "--student.mob", "null", "--student.conversion.layout", "1S4E2A"))
+        main(
+            debug_args(
+                tiny_teacher,
+                workdir / "run",
+                *one_stage,
+                "--evaluation.enabled",
+                "false",
+                "--student.mob",
+                "null",
+                "--student.conversion.layout",
+                "1S4E2A",
+            )
+        )
     assert "different configuration" in one_error_line(capsys.readouterr().err)
     assert done.read_bytes() == before

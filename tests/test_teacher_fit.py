@@ -53,8 +53,21 @@ def test_export_is_a_loadable_diffusers_folder(fitted):
 def test_evaluate_is_resumable_and_marks_completion(fitted, capsys, monkeypatch):
     monkeypatch.chdir(fitted)
     out = fitted / "eval"
-    args = ["evaluate", "--model", str(fitted / "teacher"), "--out", str(out), "--limit", "6",
-            "--images_per_prompt", "2", "--steps", "2", "--batch_size", "5"]
+    args = [
+        "evaluate",
+        "--model",
+        str(fitted / "teacher"),
+        "--out",
+        str(out),
+        "--limit",
+        "6",
+        "--images_per_prompt",
+        "2",
+        "--steps",
+        "2",
+        "--batch_size",
+        "5",
+    ]
     main(args)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 12 and set(summary["tasks"]) == {"single_object"}

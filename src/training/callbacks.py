@@ -93,7 +93,9 @@ class ExpertLoadCallback(Callback):
         share_UE = self.bucket_UE / self.bucket_UE.sum(1, keepdim=True).clamp_min(1)
         trainer.logger.log_figure(load_heatmap(share_LE.numpy(), "MoE layer"), "experts/load_heatmap.png")
         trainer.logger.log_figure(
-            load_heatmap(share_UE.numpy(), "noise level σ bucket", [f"{i / 4:.2f}–{(i + 1) / 4:.2f}" for i in range(4)]),
+            load_heatmap(
+                share_UE.numpy(), "noise level σ bucket", [f"{i / 4:.2f}–{(i + 1) / 4:.2f}" for i in range(4)]
+            ),
             "experts/timestep_buckets.png",
         )
 

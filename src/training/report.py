@@ -123,7 +123,9 @@ def format_table(r: dict[str, Any]) -> str:
         if t is not None:
             label = f"**GenEval-shapes {task}**" if task == "overall" else f"GenEval-shapes {task}"
             lines.append(f"| {label} | {pct(t)} | {pct(s)} |")
-    lines.append(f"| params total | {r['params/teacher_total'] / 1e6:.3f} M | {r['params/student_total'] / 1e6:.3f} M |")
+    lines.append(
+        f"| params total | {r['params/teacher_total'] / 1e6:.3f} M | {r['params/student_total'] / 1e6:.3f} M |"
+    )
     lines.append(
         f"| params activated | {r['params/teacher_activated'] / 1e6:.3f} M | {r['params/student_activated'] / 1e6:.3f} M |"
     )
@@ -140,4 +142,3 @@ def format_table(r: dict[str, Any]) -> str:
     lines.append(f"| fidelity to teacher (same noise) | – | {fid} |")
     lines.append(f"| GenEval-shapes retained | – | {pct(r['geneval_shapes/retained'])}% |")
     return "\n".join(lines) + "\n"
-

@@ -75,7 +75,7 @@ def initial_student(exp: Experiment, teacher: torch.nn.Module, pipeline: ShapesP
 
     spec = exp.student
     conv, prune = spec.conversion, spec.prune
-    needs_scores = (conv is not None and (conv.split == "taylor" or conv.assignment in ("interleave", "contiguous")))
+    needs_scores = conv is not None and (conv.split == "taylor" or conv.assignment in ("interleave", "contiguous"))
     needs_scores = needs_scores or (prune is not None and prune.kind == "width")
     scores = None
     if needs_scores:
@@ -83,6 +83,7 @@ def initial_student(exp: Experiment, teacher: torch.nn.Module, pipeline: ShapesP
         if path.exists():
             scores = load_scores(path)
         else:
+
             def loss_fn(model, b):
                 v = pipeline.velocity(b["x_t"], b["sigma"], b["tokens"], b["pooled"], model)
                 return torch.nn.functional.mse_loss(v, b["target"])
@@ -186,8 +187,12 @@ def run_stage(
         tags={"stage": spec.name, "stage_kind": spec.kind, "experiment": exp.name},
     )
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-        every_n_train_steps=spec.checkpoint_every, save_top_k=1, save_last=True,
+        dirpath=ckpt_dir,
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=spec.checkpoint_every,
+        save_top_k=1,
+        save_last=True,
     )
     trainer = L.Trainer(
         max_steps=spec.steps,
@@ -228,7 +233,9 @@ def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
             group_spans(exp.student.mob, len(teacher.transformer_blocks), len(teacher.single_transformer_blocks))
         except ValueError as err:
             raise UserError(f"student.mob: {err}") from None
-    sampling = SamplingConfig(steps=exp.evaluation.steps, cfg_scale=exp.evaluation.cfg_scale, guidance=exp.teacher.guidance)
+    sampling = SamplingConfig(
+        steps=exp.evaluation.steps, cfg_scale=exp.evaluation.cfg_scale, guidance=exp.teacher.guidance
+    )
     pipeline = ShapesPipeline(teacher, image_size=exp.data.image_size, sampling=sampling)
     parent = _parent_run(exp, uri)
     started = time.perf_counter()
