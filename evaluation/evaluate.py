@@ -137,7 +137,7 @@ def evaluate(
     batch_size: int | None = None,
     seed: int = 0,
     steps: int | None = None,
-    cfg_scale: float = 4.0,
+    cfg_scale: float = 2.0,
     image_size: int = 32,
     transformer: str | None = None,
     height: int = 1024,

@@ -49,15 +49,18 @@ class ExpertLoadCallback(Callback):
         self.bucket_UE = torch.zeros(TIMESTEP_BUCKETS, e, dtype=torch.float64)
         self._layers = routed
         for layer in routed:
-            self._hooks.append(layer.router.register_forward_hook(self._bucket_hook(pl_module, layer)))
+            self._hooks.append(layer.register_forward_hook(self._bucket_hook(pl_module, layer)))
 
     def _bucket_hook(self, pl_module, layer):
-        def count(module, args, logits_TE):
+        def count(module, args, output):
             sigma_B = getattr(pl_module, "last_sigma_B", None)
             if sigma_B is None or not pl_module.training or layer.top_k == 0:
                 return
-            scores = logits_TE.detach().float() + layer.expert_bias
-            topk_TK = scores.topk(layer.top_k, dim=-1).indices
+            x = args[0]
+            if x.dim() != 3 or x.shape[0] != sigma_B.shape[0]:
+                return  # a MoB sub-batch: which samples it holds is not known here
+            with torch.no_grad():  # the router again on the layer's input: cheap (E × D per token)
+                topk_TK = layer.route(x.detach().reshape(-1, layer.dim))[3]
             per_sample = topk_TK.shape[0] // sigma_B.shape[0]
             bucket_T = (sigma_B.detach().cpu() * TIMESTEP_BUCKETS).long().clamp(max=TIMESTEP_BUCKETS - 1)
             bucket_T = bucket_T.repeat_interleave(per_sample)

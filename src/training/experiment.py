@@ -105,7 +105,7 @@ class EvalSpec:
     """Images per prompt."""
     steps: int = 20
     """Euler sampling steps."""
-    cfg_scale: float = 4.0
+    cfg_scale: float = 2.0
     """Classifier-free guidance scale."""
     batch_size: int = 128
     """Images per generation batch."""
