@@ -138,7 +138,11 @@ def format_table(r: dict[str, Any]) -> str:
     lines.append(
         f"| sampling latency (s/image) | {r['latency/teacher_s_per_image']:.4f} | {r['latency/student_s_per_image']:.4f} |"
     )
-    fid = ", ".join(f"{k.split('/')[1].upper()} {v:.3f}" for k, v in r.items() if k.startswith("fidelity/"))
+    fid = ", ".join(
+        f"{k.split('/')[1].upper()} {v:.3f}"
+        for k, v in r.items()
+        if k.startswith("fidelity/") and k != "fidelity/pairs"
+    )
     lines.append(f"| fidelity to teacher (same noise) | – | {fid} |")
     lines.append(f"| GenEval-shapes retained | – | {pct(r['geneval_shapes/retained'])}% |")
     return "\n".join(lines) + "\n"
