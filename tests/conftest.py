@@ -79,3 +79,24 @@ def _rebind_log_streams():
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.stream = sys.stderr
     yield
+
+
+# A tiny dense FLUX for the conversion / Taylor / pruning tests (hidden D = 32, FFN width F = 128).
+TINY = dict(
+    in_channels=16,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    axes_dims_rope=(4, 6, 6),
+)
+D, F = 32, 128
+
+
+def dense_model(seed: int = 0, **overrides):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**{**TINY, **overrides}).eval()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
+from conftest import TINY, D, F, dense_model  # noqa: E402,F401
 from diffusers.models.attention import FeedForward
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
@@ -10,23 +10,6 @@ from src.models.convert import ConversionConfig, convert_flux_to_moe
 from src.models.flux_moe import FluxMoESingleTransformerBlock, FluxMoETransformer2DModel, moe_summary, set_top_k
 from src.models.moe import MoEFeedForward, moe_layers
 from src.models.taylor import router_centroids
-
-TINY = dict(
-    in_channels=16,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=16,
-    axes_dims_rope=(4, 6, 6),
-)
-D, F = 32, 128
-
-
-def dense_model(seed: int = 0, **overrides) -> FluxTransformer2DModel:
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(**{**TINY, **overrides}).eval()
 
 
 def inputs(guidance: bool = False, seed: int = 1, batch: int = 2) -> dict:

@@ -4,30 +4,13 @@ import copy
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
+from conftest import TINY, D, F, dense_model  # noqa: E402,F401
 
 from src.models.convert import ConversionConfig, convert_flux_to_moe
 from src.models.flux_moe import FluxMoETransformer2DModel
 from src.models.moe import moe_layers
 from src.models.prune import block_importance_mse, blocks_to_remove, depth_prune, width_prune
 from src.models.taylor import ASSIGNMENTS, SPLITS, load_scores, save_scores, split_neurons, taylor_scores
-
-TINY = dict(
-    in_channels=16,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=16,
-    axes_dims_rope=(4, 6, 6),
-)
-D, F = 32, 128
-
-
-def dense_model(seed: int = 0, **overrides) -> FluxTransformer2DModel:
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(**{**TINY, **overrides}).eval()
 
 
 def batch(seed: int) -> dict:

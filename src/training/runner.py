@@ -279,6 +279,8 @@ def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
         student = load_transformer(student_dir)
         result |= evaluate_experiment(exp, teacher, student, pipeline, uri, parent)
     _finish_parent(uri, parent, "FINISHED", time.perf_counter() - started)
+    print(f"MLflow: experiment {exp.experiment_name!r}, parent run {parent} with one nested run per stage ({uri})")
+    print(f"  view it: mlflow ui --backend-store-uri {uri}")
     return result
 
 
