@@ -199,7 +199,6 @@ class DistillStage(FlowModule):
         spec: StageSpec,
         pipeline: ShapesPipeline,
         seed: int = 0,
-        total_steps_before: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters({"stage": asdict(spec), "noise_seed": seed})

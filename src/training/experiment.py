@@ -151,9 +151,8 @@ def validate_order(stages: list[StageSpec], student: StudentSpec) -> None:
             seen_mob = True
         elif seen_mob:
             raise UserError(f"{where}: cannot follow a mob_kd stage (the student's blocks are grouped by then)")
-    if student.conversion is not None and student.conversion.split == "taylor" and student.prune is not None:
-        if student.prune.kind == "depth" and student.mob is not None:
-            raise UserError("student: depth pruning and MoB groups cannot be combined")
+    if student.prune is not None and student.prune.kind == "depth" and student.mob is not None:
+        raise UserError("student: depth pruning and MoB groups cannot be combined")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.fidelity import fidelity
 from evaluation.generate import image_seed
 from evaluation.geneval import result_record, summarize
 from evaluation.shapes_detector import evaluate_shapes_image
@@ -53,12 +54,6 @@ def latency(pipeline: ShapesPipeline, model, batch: int, repeats: int = 3) -> fl
         pipeline(prompts, seeds, model)
         times.append(time.perf_counter() - start)
     return statistics.median(times) / batch
-
-
-def fidelity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    from evaluation.fidelity import fidelity as pairwise
-
-    return pairwise(a, b)
 
 
 def evaluate_experiment(exp, teacher, student, pipeline: ShapesPipeline, uri: str, parent_run_id: str) -> dict:
