@@ -39,7 +39,11 @@ TINY_CONFIG: dict[str, Any] = {
 TEACHER_TINY_CONFIG: dict[str, Any] = {**TINY_CONFIG, "num_layers": 4, "num_single_layers": 8}
 """The committed shapes-world teacher (experiments/teacher_tiny.yaml): hidden 64, 4 double + 8 single blocks."""
 
-PRESETS: dict[str, dict[str, Any]] = {"flux-dev": FLUX_DEV_CONFIG, "tiny": TINY_CONFIG, "teacher-tiny": TEACHER_TINY_CONFIG}
+PRESETS: dict[str, dict[str, Any]] = {
+    "flux-dev": FLUX_DEV_CONFIG,
+    "tiny": TINY_CONFIG,
+    "teacher-tiny": TEACHER_TINY_CONFIG,
+}
 
 
 def flux_config(name: str) -> dict[str, Any]:
