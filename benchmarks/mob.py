@@ -12,9 +12,6 @@ to the dense group. Variants run interleaved (round robin) after a warm-up; medi
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from diffusers.models.transformers.transformer_flux import (
@@ -24,24 +21,11 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import nn
 
+from benchmarks.timing import time_interleaved
 from src.models.mob import MoBConfig, MoBGroup
 
 SETTINGS = ((2, 1), (4, 1), (4, 2), (4, 3), (8, 2))
 """(m, κ) pairs measured."""
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per function, called round robin so that load drifts hit all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 class Passthrough(nn.Module):

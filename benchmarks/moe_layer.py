@@ -11,14 +11,13 @@ S·F_s + K·F_e, "the ideal": the same GEMM FLOPs with no routing, gather or com
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.timing import time_interleaved
 from src.models.moe import MoEConfig, MoEFeedForward, layout_widths, parse_layout
 
 EPILOG = """\
@@ -42,34 +41,6 @@ class DenseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x), approximate="tanh"))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timer(fn: Callable[[], object], device: torch.device) -> Callable[[], float]:
-    def run() -> float:
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        return time.perf_counter() - start
-
-    return run
-
-
-def time_interleaved(fns: dict[str, Callable[[], float]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per function, the functions called round robin so that load drifts hit all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(fn())
-    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def _forward_and_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
@@ -167,9 +138,9 @@ def main() -> None:
 
     fns: dict[str, Callable[[], float]] = {}
     for name, module in modules.items():
-        fns[f"{name}|fwd"] = _timer(_forward(module, x), device)
-        fns[f"{name}|fwd+bwd"] = _timer(_forward_and_backward(module, x, grad), device)
-    medians = time_interleaved(fns, args.repeats, args.warmup)
+        fns[f"{name}|fwd"] = _forward(module, x)
+        fns[f"{name}|fwd+bwd"] = _forward_and_backward(module, x, grad)
+    medians = time_interleaved(fns, args.repeats, args.warmup, device)
 
     print(
         f"MoE layer benchmark: D={args.dim}, T={args.tokens}, layout {args.layout} "
@@ -197,8 +168,8 @@ def main() -> None:
 
     if args.pieces and device.type == "cpu" and cfg.activation == "gelu_tanh":
         x_TD = x.detach()
-        pieces = {name: _timer(fn, device) for name, fn in moe_pieces(moe, x_TD).items()}
-        piece_medians = time_interleaved(pieces, args.repeats, args.warmup)
+        pieces = moe_pieces(moe, x_TD)
+        piece_medians = time_interleaved(pieces, args.repeats, args.warmup, device)
         ideal_fwd = medians[f"{ideal}|fwd"]
         print(f"\nMoE forward pieces (ms; share of the ideal dense forward {ideal_fwd * 1e3:.2f} ms):")
         for name, seconds in piece_medians.items():
