@@ -37,6 +37,7 @@ from torch import nn
 
 from src.models.mob import MoBConfig, build_mob_groups
 from src.models.moe import MoEConfig, MoEFeedForward, layout_widths, moe_layers
+from src.models.moe import set_top_k as set_layers_top_k
 
 LOCATIONS = ("ff", "ff_context", "single")
 """FFN locations that can be converted or width-pruned."""
@@ -353,8 +354,7 @@ def set_top_k(model: nn.Module, k: int) -> None:
     for layer in layers:
         if not 0 <= k <= layer.cfg.num_experts:
             raise ValueError(f"top_k={k}: allowed 0..{layer.cfg.num_experts} (num_experts)")
-    for layer in layers:
-        layer.top_k = k
+    set_layers_top_k(model, k)
     if isinstance(model, FluxMoETransformer2DModel):
         model.register_to_config(moe={**model.config.moe, "top_k": k})
 

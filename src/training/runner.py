@@ -142,15 +142,16 @@ def add_mob(student: torch.nn.Module, mob: MoBConfig) -> torch.nn.Module:
 
 
 # --- stages ---------------------------------------------------------------------------------------------------------
-def _newest_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint that loads (a run killed while writing one leaves a truncated file behind)."""
+def _newest_checkpoint(folder: Path) -> tuple[Path, set[str]] | tuple[None, None]:
+    """The newest checkpoint that loads, with its state-dict keys (a run killed while writing one leaves a
+    truncated file behind)."""
     for path in sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            return path
+            saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            return path, set(saved["state_dict"])
         except Exception:  # noqa: BLE001 - any unreadable file is skipped
             continue
-    return None
+    return None, None
 
 
 def run_stage(
@@ -168,10 +169,8 @@ def run_stage(
         )
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps({"fingerprint": fp, "stage": spec.name}) + "\n")
-    resume = _newest_checkpoint(ckpt_dir)
+    resume, keys = _newest_checkpoint(ckpt_dir)
     if resume is not None:
-        saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)
-        keys = set(saved["state_dict"])
         wanted = {f"student.{k}" for k in student.state_dict()}
         if keys != wanted:
             raise UserError(
