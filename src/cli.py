@@ -18,6 +18,9 @@ TOOLS: dict[str, str] = {
     "params": "src.commands:params",
     "evaluate": "evaluation.evaluate:evaluate",
     "compare": "evaluation.compare:compare",
+    "export": "src.export:export",
+    "sweep": "src.sweep.driver:sweep",
+    "prepare-data": "src.data.prepare:prepare_data",
 }
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
@@ -129,7 +132,10 @@ def user_facing_error(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import ArgumentError
+    from jsonargparse import ArgumentError, set_parsing_settings
+
+    # Config dataclasses document each field in a string literal below it: show those in --help.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None

@@ -26,7 +26,10 @@ def _load_experiment(config: str) -> dict[str, Any]:
     if not Path(config).is_file():
         raise UserError(f"config {config}: no such file")
     if not is_experiment_config(config):
-        raise UserError(f"config {config}: not a Dense2MoE experiment (it has no 'stages'); params needs one")
+        raise UserError(
+            f"config {config}: neither a Dense2MoE experiment (it has no 'stages') nor a DiTModule config; "
+            "params needs one of them, or --preset"
+        )
     parser = ArgumentParser(exit_on_error=False)
     parser.add_function_arguments(run_experiment, as_positional=False)
     try:
@@ -84,25 +87,32 @@ def build_on_meta(args: dict[str, Any]) -> tuple[torch.nn.Module, torch.nn.Modul
 
 
 def params(
-    config: str,
+    config: str | None = None,
     json: bool = False,
     height: int | None = None,
     width: int | None = None,
     text_len: int | None = None,
+    preset: str | None = None,
 ) -> dict[str, Any]:
     """Total and activated parameters per component, and FLOPs per image per step, of an experiment's teacher and
-    student — counted on the meta device, so FLUX.1-dev needs no weights.
+    student — counted on the meta device, so FLUX.1-dev needs no weights. With ``--preset`` (or a DiTModule
+    config): a class-conditional DiT / DSMoE / JiTMoE in decimal units and in the recipe's 2^20 units.
 
     Args:
-        config: An experiment YAML (with ``stages``).
+        config: An experiment YAML (with ``stages``), or a LightningCLI config of ``src.training.dit.DiTModule``.
         json: Print one JSON object (keys total, activated, activated_without_modulation, flops, teacher, …).
         height: Image height in pixels for FLOPs (default: the experiment's data.image_size).
         width: Image width in pixels (default: height).
         text_len: Text tokens for FLOPs (default 512 for FLUX-size teachers, 16 for the shapes world).
+        preset: A DiT preset name (src.models.dit_presets, e.g. dsmoe-s-e16), or "all" for the recipe's table.
     """
     from src.models.accounting import count_params, flops_per_image
     from src.training.experiment import DataSpec, TeacherSpec
 
+    if preset is not None or (config is not None and _dit_module_args(config) is not None):
+        return _dit_params(preset, config, json)
+    if config is None:
+        raise UserError("params needs --config (an experiment YAML or a DiTModule config) or --preset")
     args = _load_experiment(config)
     args["teacher"] = args.get("teacher") or TeacherSpec()
     args["data"] = args.get("data") or DataSpec()
@@ -158,3 +168,57 @@ def _params_table(report: dict[str, Any], flop_args: dict[str, Any]) -> str:
     )
     lines.append(f"| FLOPs / image / step ({flop_args}) | | {t['flops']:.4g} | | {s['flops']:.4g} |")
     return "\n".join(lines)
+
+
+def _dit_module_args(config: str) -> dict[str, Any] | None:
+    """The ``model.init_args`` of a LightningCLI config whose model is the DiTModule, else None."""
+    import yaml
+
+    path = Path(config)
+    if not path.is_file() or path.suffix not in (".yaml", ".yml"):
+        return None
+    model = (yaml.safe_load(path.read_text()) or {}).get("model")
+    if not isinstance(model, dict) or not str(model.get("class_path", "")).endswith("DiTModule"):
+        return None
+    return model.get("init_args") or {}
+
+
+def _dit_params(preset: str | None, config: str | None, json: bool) -> dict[str, Any]:
+    """Counts of DiT presets (or of a DiTModule config's model) in decimal and 2^20 units."""
+    from src.models.dit_presets import MIB, PRESETS, PUBLISHED_ACTIVATED_MIB, params_table, preset_params
+
+    overrides: dict[str, Any] = {}
+    if preset is None:
+        init = _dit_module_args(config)
+        preset, overrides = init.get("preset", "dsmoe-s-e48-mini"), init.get("model") or {}
+    names = list(PRESETS) if preset == "all" else [preset]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        raise UserError(f"preset {unknown[0]!r}: allowed presets are all, {', '.join(PRESETS)}")
+    try:
+        counts = {name: preset_params(name, **overrides) for name in names}
+    except ValueError as err:
+        raise UserError(f"config {config}: {err}") from None
+    out = {
+        name: {
+            "total": c["total"],
+            "activated": c["activated"],
+            "total_2^20": round(c["total"] / MIB, 2),
+            "activated_2^20": round(c["activated"] / MIB, 2),
+            **({"published_activated_2^20": PUBLISHED_ACTIVATED_MIB[name]} if name in PUBLISHED_ACTIVATED_MIB else {}),
+        }
+        for name, c in counts.items()
+    }
+    if json:
+        print(jsonlib.dumps(out, indent=1))
+    elif overrides:
+        (name,) = names
+        c = out[name]
+        print(f"{config}: preset {name} with model overrides {overrides}")
+        print(
+            f"total {c['total']:,} ({c['total_2^20']} × 2^20), activated {c['activated']:,} ({c['activated_2^20']} × 2^20)"
+        )
+    else:
+        print(params_table(names))
+        print("2^20 units: the recipe (arXiv 2512.01252) quotes DSMoE/JiTMoE activated parameters in them.")
+    return out

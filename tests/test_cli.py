@@ -35,9 +35,12 @@ def digest(path: Path) -> str:
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
 def test_every_experiment_parses(config, capsys, workdir):
-    code, out, _ = run_cli(["fit", "--config", str(config), "--print_config"], capsys)
+    command = "prepare-data" if config.stem.endswith("_prepare") else "fit"
+    code, out, _ = run_cli([command, "--config", str(config), "--print_config"], capsys)
     assert code == 0
-    if "stages:" in config.read_text():  # a multi-stage Dense2MoE experiment
+    if command == "prepare-data":
+        assert "prompts:" in out and "pipeline:" in out
+    elif "stages:" in config.read_text():  # a multi-stage Dense2MoE experiment
         assert "stages:" in out and "conversion:" in out
     else:  # a plain LightningCLI config
         assert "class_path" in out and "trainer:" in out

@@ -24,9 +24,12 @@ class ShapesStream(IterableDataset):
     def __init__(self, world: ShapesWorld, batch_size: int, seed: int) -> None:
         self.world, self.batch_size, self.seed = world, batch_size, seed
         self.next_batch = 0
+        # Data-parallel slice: batch ``index`` is rank ``rank``'s part of the global batch of batch_size × ranks,
+        # so R ranks × batch b see exactly the samples one process with batch R·b sees.
+        self.rank, self.ranks = 0, 1
 
     def batch(self, index: int) -> dict:
-        base = (self.seed * 1_000_003 + index) * self.batch_size
+        base = (self.seed * 1_000_003 + index) * self.batch_size * self.ranks + self.rank * self.batch_size
         samples = [self.world.train_sample(base + j) for j in range(self.batch_size)]
         images = np.stack([im for im, _ in samples])
         image = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
@@ -72,6 +75,7 @@ class ShapesDataModule(L.LightningDataModule):
         val_images_per_prompt: int = 1,
         val_batch_size: int = 128,
         val_seed: int = 1234,
+        snap: int = 1,
     ) -> None:
         """
         Args:
@@ -83,16 +87,19 @@ class ShapesDataModule(L.LightningDataModule):
             val_images_per_prompt: Images per held-out prompt at validation.
             val_batch_size: Images generated per validation batch.
             val_seed: Seed of the held-out prompt draw and of the validation noise.
+            snap: Object boxes lie on a grid of this many pixels (1 = free placement; see ``ShapesWorld.snap``).
         """
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1 or val_batch_size < 1:
             raise ValueError(f"batch_size={batch_size}, val_batch_size={val_batch_size}: must be >= 1")
-        self.world = ShapesWorld(size=image_size, heldout_fraction=heldout_fraction)
+        self.world = ShapesWorld(size=image_size, heldout_fraction=heldout_fraction, snap=snap)
         self.train_stream = ShapesStream(self.world, batch_size, seed)
         self._consumed = -1
 
     def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:
+            self.train_stream.rank, self.train_stream.ranks = self.trainer.global_rank, self.trainer.world_size
         return DataLoader(self.train_stream, batch_size=None, num_workers=0)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

@@ -255,21 +255,34 @@ def _side_range(size: int, n_objects: int) -> tuple[int, int]:
     return max(_MIN_SIDE_PX, round(low * size)), max(_MIN_SIDE_PX, round(high * size))
 
 
-def _place_random(sides: list[int], size: int, rng: np.random.Generator) -> list[tuple[int, int, int, int]] | None:
-    """Sequentially place squares of the given sides uniformly among free spots; None if one does not fit."""
+def _snapped_sides(low: int, high: int, snap: int) -> list[int]:
+    """Multiples of `snap` in [low, high]; the nearest multiple of the range's middle when none falls inside."""
+    sides = [s for s in range(snap, high + 1, snap) if s >= low]
+    return sides or [max(snap, snap * round((low + high) / 2 / snap))]
+
+
+def _place_random(
+    sides: list[int], size: int, rng: np.random.Generator, snap: int = 1
+) -> list[tuple[int, int, int, int]] | None:
+    """Sequentially place squares of the given sides uniformly among free spots; None if one does not fit.
+
+    With ``snap`` > 1 corners lie on the snap grid and objects keep a gap of one grid cell.
+    """
     blocked = np.zeros((size, size), dtype=np.int32)
     boxes = []
     for side in sides:
         # Summed-area table: a top-left corner is free when its side x side window holds no blocked pixel.
         table = np.pad(blocked.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
         window = table[side:, side:] - table[:-side, side:] - table[side:, :-side] + table[:-side, :-side]
-        lo, hi = _BORDER_PX, size - _BORDER_PX - side
+        border = _BORDER_PX if snap == 1 else 0
+        lo, hi = border, size - border - side
         free = np.argwhere(window[lo : hi + 1, lo : hi + 1] == 0) + lo
+        free = free[(free % snap == 0).all(1)]
         if len(free) == 0:
             return None
         y, x = free[rng.integers(len(free))]
         boxes.append((int(x), int(y), int(x) + side, int(y) + side))
-        g = _GAP_PX
+        g = _GAP_PX if snap == 1 else snap
         blocked[max(0, y - g) : y + side + g, max(0, x - g) : x + side + g] = 1
     return boxes
 
@@ -306,6 +319,29 @@ def _place_relation(
     return (box1, box2) if relation in ("left of", "above") else (box2, box1)
 
 
+def _place_relation_snapped(
+    side_a: int, side_b: int, relation: str, size: int, snap: int, rng: np.random.Generator
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """`_place_relation` on the snap grid: every valid pair of grid corners, one drawn uniformly."""
+    if relation not in RELATIONS:
+        raise ValueError(f"position relation={relation!r}: must be one of {RELATIONS}")
+    corners_a = range(0, size - side_a + 1, snap)
+    corners_b = range(0, size - side_b + 1, snap)
+    axis = 0 if relation in ("left of", "right of") else 1  # coordinate index along the relation's axis
+    sign = -1 if relation in ("left of", "above") else 1  # A's centre minus B's centre along the axis
+    pairs = []
+    for ax, ay, bx, by in itertools.product(corners_a, corners_a, corners_b, corners_b):
+        a, b = (ax, ay), (bx, by)
+        along = sign * ((a[axis] + side_a / 2) - (b[axis] + side_b / 2))
+        across = abs((a[1 - axis] + side_a / 2) - (b[1 - axis] + side_b / 2))
+        first_end, second_start = (a[axis] + side_a, b[axis]) if sign < 0 else (b[axis] + side_b, a[axis])
+        if along > 0 and second_start - first_end >= snap and across <= _MAX_PERPENDICULAR * along:
+            pairs.append((a, b))
+    assert pairs, "snapped object sides leave no valid position layout"
+    (ax, ay), (bx, by) = pairs[int(rng.integers(len(pairs)))]
+    return (ax, ay, ax + side_a, ay + side_a), (bx, by, bx + side_b, by + side_b)
+
+
 # --- the world ---------------------------------------------------------------------------------------------
 
 
@@ -319,10 +355,18 @@ class ShapesWorld:
     """Fraction of each large task's prompts (two_object, colors, position, color_attr) kept out of training."""
     task_weights: dict[str, float] | None = None
     """Training sampling weight per task (tasks not named get 0); None samples the six tasks uniformly."""
+    snap: int = 1
+    """Object boxes (corners and sides) lie on a grid of this many pixels; 1 = free placement. The embedded
+    default snaps to the teacher's 4-pixel token grid, so every object covers whole tokens."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 16:
             raise ValueError(f"shapes world size={self.size!r}: must be an integer >= 16")
+        if not isinstance(self.snap, int) or self.snap < 1 or self.size % self.snap or self.size // self.snap < 6:
+            raise ValueError(
+                f"shapes world snap={self.snap!r}: must be a positive integer dividing size={self.size} "
+                "into at least 6 cells"
+            )
         if not 0.0 <= self.heldout_fraction <= 0.5:
             raise ValueError(f"shapes world heldout_fraction={self.heldout_fraction!r}: must be in [0, 0.5]")
         weights = self.task_weights if self.task_weights is not None else dict.fromkeys(TASKS, 1.0)
@@ -384,17 +428,26 @@ class ShapesWorld:
         if not 1 <= len(specs) <= 4:
             raise ValueError(f"metadata asks for {len(specs)} objects: the shapes world renders 1 to 4")
         low, high = _side_range(self.size, len(specs))
+        choices = _snapped_sides(low, high, self.snap)
         if any("position" in clause for clause in groups):
             if len(groups) != 2 or len(specs) != 2 or groups[1].get("position", [None, None])[1] != 0:
                 raise ValueError("position metadata must be [reference, subject with position [relation, 0]]")
-            side_b, side_a = (int(s) for s in rng.integers(low, high + 1, size=2))
-            box_a, box_b = _place_relation(side_a, side_b, groups[1]["position"][0], self.size, rng)
+            relation = groups[1]["position"][0]
+            if self.snap == 1:
+                side_b, side_a = (int(s) for s in rng.integers(low, high + 1, size=2))
+                box_a, box_b = _place_relation(side_a, side_b, relation, self.size, rng)
+            else:
+                side_b, side_a = (choices[int(i)] for i in rng.integers(len(choices), size=2))
+                box_a, box_b = _place_relation_snapped(side_a, side_b, relation, self.size, self.snap, rng)
             boxes = [box_b, box_a]
         else:
             boxes = None
             while boxes is None:  # retries are rare (only 4 large objects can paint themselves into a corner)
-                sides = [int(s) for s in rng.integers(low, high + 1, size=len(specs))]
-                boxes = _place_random(sides, self.size, rng)
+                if self.snap == 1:
+                    sides = [int(s) for s in rng.integers(low, high + 1, size=len(specs))]
+                else:
+                    sides = [choices[int(i)] for i in rng.integers(len(choices), size=len(specs))]
+                boxes = _place_random(sides, self.size, rng, self.snap)
         objects = [ShapeObject(shape, color, box) for (shape, color), box in zip(specs, boxes, strict=True)]
         return render_scene(objects, self.size), objects
 

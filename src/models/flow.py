@@ -16,6 +16,29 @@ from collections.abc import Callable
 import torch
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+PREDICTION_TYPES = ("velocity", "sample")
+SAMPLE_PREDICTION_MIN_SIGMA = 0.05
+"""x-prediction turns into velocity as (x_t − x̂_0)/σ; σ is clamped here as JiT does (Li & He, 2025)."""
+
+
+def prediction_type(model: torch.nn.Module) -> str:
+    """What the transformer outputs: "velocity" (ε − x_0, FLUX) or "sample" (x̂_0, JiT-style x-prediction).
+
+    Read from the registered config key ``prediction_type`` (absent = "velocity", as for every FLUX checkpoint).
+    """
+    config = getattr(model, "config", None)
+    kind = config.get("prediction_type", "velocity") if config is not None else "velocity"
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"model config prediction_type={kind!r}: must be one of {PREDICTION_TYPES}")
+    return kind
+
+
+def to_velocity(out_BLD: torch.Tensor, x_BLD: torch.Tensor, sigma_B: torch.Tensor, kind: str) -> torch.Tensor:
+    """The velocity ε − x_0 implied by a model output of prediction type `kind` at noisy input x_t, level σ."""
+    if kind == "velocity":
+        return out_BLD
+    sigma = sigma_B.clamp(min=SAMPLE_PREDICTION_MIN_SIGMA).to(out_BLD.dtype)[:, None, None]
+    return (x_BLD.to(out_BLD.dtype) - out_BLD) / sigma
 
 
 def pack(x_BCHW: torch.Tensor, patch: int) -> torch.Tensor:

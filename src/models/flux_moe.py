@@ -130,6 +130,7 @@ class FluxMoETransformer2DModel(FluxTransformer2DModel):
         ffn_widths: dict[str, int] | None = None,
         kept_double: list[int] | None = None,
         kept_single: list[int] | None = None,
+        prediction_type: str = "velocity",
     ):
         super().__init__(
             patch_size=patch_size,

@@ -7,7 +7,11 @@ the experiment's config is refused before anything is trained or overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ from torch import nn
 from src.errors import UserError
 
 KNOWN_CLASSES = ("FluxTransformer2DModel", "FluxMoETransformer2DModel")
+PROJECT_CONFIG_KEYS = ("prediction_type",)
 
 
 def _model_class(name: str) -> type:
@@ -40,7 +45,8 @@ def load_transformer(path: str | Path, expected: dict[str, Any] | None = None, *
     if class_name not in KNOWN_CLASSES:
         raise UserError(f"checkpoint {path}: model class {class_name!r} is not one of {', '.join(KNOWN_CLASSES)}")
     try:
-        model = _model_class(class_name).from_pretrained(folder, **kwargs)
+        with _quiet_extra_config_keys():
+            model = _model_class(class_name).from_pretrained(folder, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
@@ -55,6 +61,31 @@ def load_transformer(path: str | Path, expected: dict[str, Any] | None = None, *
             parts = ", ".join(f"{k}={got!r} (config says {want!r})" for k, (got, want) in wrong.items())
             raise UserError(f"checkpoint {path} does not match the config: {parts}")
     return model
+
+
+@contextlib.contextmanager
+def _quiet_extra_config_keys() -> Iterator[None]:
+    """Hide diffusers' "config attributes ... will be ignored" warning for keys this project adds on purpose.
+
+    A dense teacher trained with x-prediction carries ``prediction_type`` in its config.json; diffusers keeps the
+    key in ``model.config`` (which is where it is read) but warns that the class does not take it.
+    """
+    logger = logging.getLogger("diffusers.configuration_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("were passed to" in message and all(k in PROJECT_CONFIG_KEYS for k in _quoted_keys(message)))
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def _quoted_keys(message: str) -> list[str]:
+    start, end = message.find("{"), message.find("}")
+    return re.findall(r"'([^']+)':", message[start : end + 1]) if start >= 0 else []
 
 
 def _norm(value: Any) -> Any:

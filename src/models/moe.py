@@ -14,7 +14,7 @@ graph break, except in the split-loop fallback (``grouped_mm`` unavailable or wi
 
 Legend: T tokens (all leading dims flattened), D model width, E routed experts, K top-k, N = T·K
 (token, expert) pairs, S shared experts, F_s shared expert width, F_e routed expert width, H up-projection
-width (F_e, or 2·F_e for SwiGLU).
+width (F_e, or 2·F_e for SwiGLU), L MoE layers of a model.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -66,6 +67,8 @@ class MoEConfig:
     """Step size γ of the aux-loss-free bias update bias_e += γ·sign(mean_load − load_e)."""
     router_init: str = "zeros"
     """Initial router: "zeros", "normal" (std 0.02) or "centroids" (zeros until the conversion fills them)."""
+    up_bias: bool = True
+    """Biases on the shared and routed up-projections (FLUX's FFNs have them; DSMoE's SwiGLU experts do not)."""
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "num_shared"):
@@ -207,11 +210,11 @@ class MoEFeedForward(nn.Module):
         glu = 2 if cfg.activation == "swiglu" else 1
         S, E, F_s, F_e = self.num_shared, self.num_experts, self.shared_width, self.expert_width
 
-        self.shared_up = nn.Linear(dim, glu * S * F_s) if S else None
+        self.shared_up = nn.Linear(dim, glu * S * F_s, bias=cfg.up_bias) if S else None
         self.shared_down = nn.Linear(S * F_s, dim, bias=False) if S else None
         self.router = nn.Linear(dim, E, bias=False) if E else None
         self.w_up = nn.Parameter(torch.empty(E, dim, glu * F_e)) if E else None
-        self.b_up = nn.Parameter(torch.empty(E, glu * F_e)) if E else None
+        self.b_up = nn.Parameter(torch.empty(E, glu * F_e)) if E and cfg.up_bias else None
         self.w_down = nn.Parameter(torch.empty(E, F_e, dim)) if E else None
         # The dense FFN's down-projection bias, applied once whatever top_k is (also top_k == 0).
         self.out_bias = nn.Parameter(torch.zeros(dim)) if out_bias else None
@@ -227,6 +230,9 @@ class MoEFeedForward(nn.Module):
         # Use F.grouped_mm when torch and the widths allow it; False forces the split-loop fallback.
         self.use_grouped_mm = True
         self.aux_loss: Tensor = torch.zeros(())
+        # This forward's local balance terms (counts_E, assignments, probs_mean_E, z_loss) for sync_balance_losses;
+        # None when the layer did not route in training since the last clear_aux_losses.
+        self.balance_terms: tuple[Tensor, int, Tensor, Tensor | None] | None = None
         self.last_counts: Tensor = torch.zeros(E, dtype=torch.long)
         self.last_probs_mean: Tensor = torch.zeros(E)
         self.reset_parameters()
@@ -265,7 +271,8 @@ class MoEFeedForward(nn.Module):
         with torch.no_grad():
             bound_up = 1 / math.sqrt(self.dim)
             self.w_up.uniform_(-bound_up, bound_up)
-            self.b_up.uniform_(-bound_up, bound_up)
+            if self.b_up is not None:
+                self.b_up.uniform_(-bound_up, bound_up)
             bound_down = 1 / math.sqrt(self.expert_width)
             self.w_down.uniform_(-bound_down, bound_down)
             if self.cfg.router_init == "normal":
@@ -354,7 +361,8 @@ class MoEFeedForward(nn.Module):
 
         x_ND = x_TD.to(dtype).index_select(0, token_N)
         h_NH = self._expert_matmul(x_ND, self.w_up.to(dtype), counts_E, offs_E)
-        h_NH.add_(self.b_up.to(dtype).index_select(0, sorted_expert_N))
+        if self.b_up is not None:
+            h_NH.add_(self.b_up.to(dtype).index_select(0, sorted_expert_N))
         h_NF = _activate(h_NH, cfg.activation)
         gate_N1 = gate_N.to(dtype).unsqueeze(-1)
         # In place when nothing needs the ungated hidden for a backward (inference).
@@ -378,6 +386,7 @@ class MoEFeedForward(nn.Module):
         self.last_counts = counts_E.detach()
         self.last_probs_mean = probs_mean_E.detach()
         aux_loss = logits_ET.new_zeros(())
+        z_loss = None
         if self.training and assignments > 0:
             if cfg.balance == "aux" and cfg.aux_loss_weight > 0:
                 # Switch/GShard: E·Σ f_i·P_i, f_i the fraction of the T·K assignments (no gradient), P_i the
@@ -385,9 +394,11 @@ class MoEFeedForward(nn.Module):
                 fraction_E = counts_E.float() / assignments
                 aux_loss = aux_loss + cfg.aux_loss_weight * self.num_experts * (fraction_E * probs_mean_E).sum()
             if cfg.z_loss_weight > 0:
-                aux_loss = aux_loss + cfg.z_loss_weight * logits_ET.logsumexp(dim=0).square().mean()
+                z_loss = cfg.z_loss_weight * logits_ET.logsumexp(dim=0).square().mean()
+                aux_loss = aux_loss + z_loss
             if cfg.balance == "aux_free":
                 self.pending_counts += counts_E.detach()
+            self.balance_terms = (counts_E.detach(), assignments, probs_mean_E, z_loss)
         self.aux_loss = aux_loss
 
     def load_stats(self) -> dict[str, Tensor]:
@@ -430,6 +441,56 @@ def total_aux_loss(module: nn.Module) -> Tensor:
     if not losses:
         return torch.zeros(())
     return torch.stack(losses).sum()
+
+
+def clear_aux_losses(module: nn.Module) -> None:
+    """Zero every layer's aux loss and forget its balance terms: call before a forward in which some layers may
+    not run (blocks MoB skips), so they contribute neither a stale loss nor stale counts."""
+    for layer in moe_layers(module):
+        layer.aux_loss = torch.zeros((), device=layer.expert_bias.device)
+        layer.balance_terms = None
+
+
+def sync_balance_losses(module: nn.Module) -> None:
+    """Recompute each layer's aux loss with the expert loads f_i of the whole data-parallel batch.
+
+    A no-op unless torch.distributed is initialised with more than one rank. Every rank must call it once per
+    forward, after the forward: one all-reduce of the (layers, E + 1) counts, never a collective inside a layer
+    (MoB runs a layer on some ranks and skips it on others, which would deadlock). f_i (no gradient) is global;
+    P_i stays local: rank r's term E·Σ f_i·P_i^r is scaled by R·T_r/T (T_r its routed tokens, T the global
+    count), so the mean over ranks of the terms and of their gradients — what DDP and FSDP average — equals the
+    single-process loss and gradient on the concatenated batch, even when MoB gives ranks unequal token counts.
+    The z-loss, a per-token mean, gets the same R·T_r/T factor.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    layers = [layer for layer in moe_layers(module) if layer.num_experts > 0]
+    if not layers:
+        return
+    world, width = dist.get_world_size(), max(layer.num_experts for layer in layers) + 1
+    # per layer: E expert counts, then the layer's assignment count T·K (0 where it did not route)
+    counts_LE = torch.zeros(len(layers), width, dtype=torch.float64, device=layers[0].expert_bias.device)
+    for i, layer in enumerate(layers):
+        if layer.balance_terms is not None:
+            counts_E, assignments = layer.balance_terms[:2]
+            counts_LE[i, : counts_E.numel()] = counts_E
+            counts_LE[i, -1] = assignments
+    local_L = counts_LE[:, -1].clone()
+    dist.all_reduce(counts_LE)
+    total_L1 = counts_LE[:, -1:].clamp_min(1)
+    share_L = (world * local_L / total_L1[:, 0]).float()
+    fraction_LE = (counts_LE[:, :-1] / total_L1).float()
+    for i, layer in enumerate(layers):
+        if layer.balance_terms is None:
+            continue
+        _, _, probs_mean_E, z_loss = layer.balance_terms
+        aux_loss = probs_mean_E.new_zeros(())
+        if layer.cfg.balance == "aux" and layer.cfg.aux_loss_weight > 0:
+            weight = layer.cfg.aux_loss_weight * layer.num_experts * share_L[i]
+            aux_loss = aux_loss + weight * (fraction_LE[i, : layer.num_experts] * probs_mean_E).sum()
+        if z_loss is not None:
+            aux_loss = aux_loss + share_L[i] * z_loss
+        layer.aux_loss = aux_loss
 
 
 def set_top_k(module: nn.Module, top_k: int) -> None:

@@ -15,7 +15,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.models.flow import euler_sample, fixed_noise, image_ids, pack, text_ids, to_uint8, unpack
+from src.models.flow import (
+    euler_sample,
+    fixed_noise,
+    image_ids,
+    pack,
+    prediction_type,
+    text_ids,
+    to_uint8,
+    to_velocity,
+    unpack,
+)
 from src.models.text_encoder import HashTextEncoder, TextEncoderConfig
 
 
@@ -85,13 +95,13 @@ class ShapesPipeline:
         pooled_BP: torch.Tensor,
         transformer: nn.Module | None = None,
     ) -> torch.Tensor:
-        """One FLUX forward: velocity prediction for noisy tokens at noise level σ."""
+        """One FLUX forward: the velocity at noise level σ (an x-predicting model's output is converted)."""
         model = transformer or self.transformer
         n = self.tokens_per_side
         guidance = None
         if getattr(model.config, "guidance_embeds", False):
             guidance = torch.full_like(sigma_B, self.sampling.guidance)
-        return model(
+        out = model(
             hidden_states=x_BLD,
             encoder_hidden_states=tokens_BTC,
             pooled_projections=pooled_BP,
@@ -101,6 +111,7 @@ class ShapesPipeline:
             guidance=guidance,
             return_dict=False,
         )[0]
+        return to_velocity(out, x_BLD, sigma_B, prediction_type(model))
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seeds: list[int], transformer: nn.Module | None = None) -> np.ndarray:

@@ -9,8 +9,9 @@
 - ``dense_kd`` (baselines): a width- or depth-pruned dense student distilled the same way.
 
 Every step: t and noise → teacher (no grad) → student → losses → log. Teacher and student see the same noisy
-input, noise level, text embeddings and guidance. The step's randomness is a pure function of (seed, step), so a
-resumed stage continues exactly as an uninterrupted one. Legend: B batch, L image tokens, D token width.
+input, noise level, text embeddings and guidance; a conditioning adapter (``src/training/conditioning.py``)
+makes those from shapes-world or prepared-latent batches. The step's randomness is a pure function of (seed,
+step), so a resumed stage continues exactly as an uninterrupted one. Legend: B batch, L image tokens, D token width.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from torch import nn
 from src.errors import UserError
 from src.models.flow import TIMESTEP_SAMPLINGS, sample_sigmas
 from src.models.mob import mob_groups
-from src.models.moe import moe_layers
-from src.models.pipeline import ShapesPipeline
+from src.models.moe import clear_aux_losses, moe_layers, sync_balance_losses
 from src.training.base import FlowModule
+from src.training.conditioning import LatentConditioning, ShapesConditioning, velocity
+from src.training.strategies import check_strategy
 
 STAGE_KINDS = ("shared_kd", "moe_kd", "mob_kd", "dense_kd")
 TRAINABLE = ("default", "all")
@@ -46,7 +48,7 @@ class StageSpec:
     lr: float = 5e-4
     """AdamW peak learning rate (linear warm-up, then cosine decay to 10%)."""
     batch_size: int = 32
-    """Images per step."""
+    """Images per step and device (global batch = batch_size × devices × nodes)."""
     precision: str = "32-true"
     """Lightning precision ("32-true", "bf16-mixed", …)."""
     warmup_steps: int = 20
@@ -73,8 +75,8 @@ class StageSpec:
     """Lightning accelerator."""
     devices: Any = 1
     """Lightning devices."""
-    strategy: str = "auto"
-    """Lightning strategy ("auto", "ddp", "fsdp", …)."""
+    strategy: str | dict[str, Any] = "auto"
+    """Lightning strategy: a name ("auto", "ddp", …) or {class_path, init_args} (src/training/strategies.py)."""
     gradient_clip_val: float = 1.0
     """Gradient norm clipping."""
     extra_trainer: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +96,10 @@ class StageSpec:
                 raise ValueError(f"stage {self.name!r}: {name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"stage {self.name!r}: lr={self.lr} must be > 0")
+        try:
+            check_strategy(self.strategy, self.kind)
+        except ValueError as err:
+            raise ValueError(f"stage {self.name!r}: {err}") from None
 
 
 # --- which parameters a stage trains ------------------------------------------------------------------------------
@@ -197,7 +203,7 @@ class DistillStage(FlowModule):
         teacher: nn.Module,
         student: nn.Module,
         spec: StageSpec,
-        pipeline: ShapesPipeline,
+        conditioning: ShapesConditioning | LatentConditioning,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -205,7 +211,8 @@ class DistillStage(FlowModule):
         self.spec, self.seed = spec, seed
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student.train()
-        self.pipeline = pipeline
+        self.conditioning = conditioning
+        self.pipeline = conditioning.pipeline  # shapes-world sampling for validation; None on latent data
         self.strict_loading = False  # the frozen teacher is not stored in stage checkpoints
         self.top_k = max((layer.cfg.top_k for layer in moe_layers(student)), default=0)
         if spec.kind == "shared_kd":
@@ -221,35 +228,52 @@ class DistillStage(FlowModule):
     def sampling_model(self) -> nn.Module:
         return self.student
 
+    def _data_parallel_rank(self) -> tuple[int, int]:
+        """(rank, ranks) splitting each global batch; (0, 1) outside a Trainer."""
+        trainer = self._trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def _step_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        spec, pipe = self.spec, self.pipeline
+        spec, guidance = self.spec, self.conditioning.guidance
         gen = self._step_generator()
-        x0_BLD = pipe.images_to_tokens(batch["image"])
+        inputs = self.conditioning.inputs(batch)
+        x0_BLD = inputs.x0_BLD
         b = x0_BLD.shape[0]
-        tokens, pooled = pipe.encode_prompts(batch["prompt"])
-        sigma_B = sample_sigmas(b, spec.timestep_sampling, spec.timestep_shift, generator=gen).to(self.device)
-        noise_BLD = torch.randn(x0_BLD.shape, generator=gen).to(self.device)
+        # Each rank draws the global batch's noise and keeps its slice: R ranks × batch b see exactly what one
+        # process with batch R·b sees (the data stream slices the same way).
+        rank, world = self._data_parallel_rank()
+        mine = slice(rank * b, (rank + 1) * b)
+        sigma_B = sample_sigmas(b * world, spec.timestep_sampling, spec.timestep_shift, generator=gen)[mine]
+        sigma_B = sigma_B.to(self.device)
+        noise_BLD = torch.randn((b * world, *x0_BLD.shape[1:]), generator=gen)[mine].to(self.device)
         s = sigma_B[:, None, None]
         x_t = (1 - s) * x0_BLD + s * noise_BLD
         self.last_sigma_B = sigma_B
         with torch.no_grad():
-            v_teacher = pipe.velocity(x_t, sigma_B, tokens, pooled, self.teacher)
+            v_teacher = velocity(self.teacher, x_t, sigma_B, inputs, guidance)
         layers = moe_layers(self.student)
-        for layer in layers:  # layers in blocks that MoB skips this step must not contribute a stale loss
-            layer.aux_loss = x0_BLD.new_zeros(())
-        v_student = pipe.velocity(x_t, sigma_B, tokens, pooled, self.student)
+        clear_aux_losses(self.student)  # layers in blocks that MoB skips this step must not contribute a stale loss
+        v_student = velocity(self.student, x_t, sigma_B, inputs, guidance)
         out = F.mse_loss(v_student.float(), v_teacher.float())
+        sync_balance_losses(self.student)  # expert loads of the global batch under DDP / FSDP
         # w_l: each layer's term on the output loss's scale, divided by that teacher feature's relative size
-        # (paper: normalised, detached per-block weights).
-        scale = v_teacher.float().pow(2).mean().detach()
+        # (paper: normalised, detached per-block weights). Both are global-batch statistics (the mean of the
+        # equal-sized ranks' means), so data-parallel ranks weight layers exactly as one process would.
+        teacher_feats = self._teacher_taps.outputs
+        norms = torch.stack(
+            [v_teacher.float().pow(2).mean(), *(teacher_feats[t].float().pow(2).mean() for _, t in self.pairs)]
+        ).detach()
+        if self._trainer is not None:
+            norms = self.trainer.strategy.reduce(norms, reduce_op="mean")
+        scale = norms[0]
         feats = []
-        for s_key, t_key in self.pairs:
-            f_teacher = self._teacher_taps.outputs[t_key].float()
+        for (s_key, t_key), norm in zip(self.pairs, norms[1:]):
+            f_teacher = teacher_feats[t_key].float()
             f_student = self._student_taps.outputs[s_key].float()
-            w = scale / f_teacher.pow(2).mean().detach().clamp_min(1e-8)
+            w = scale / norm.clamp_min(1e-8)
             feats.append(w * F.mse_loss(f_student, f_teacher))
         feature = torch.stack(feats).mean() if feats else out.new_zeros(())
         balance = sum((layer.aux_loss for layer in layers), out.new_zeros(()))
@@ -264,8 +288,9 @@ class DistillStage(FlowModule):
                 f"stage {self.spec.name!r}: loss is {loss.item()} at step {self.global_step}; the last good checkpoint "
                 "is kept and the MLflow run is marked FAILED (lower the lr or use fp32)"
             )
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "loss"}, prog_bar=False)
+        # sync_dist: the mean over ranks is the loss of the global batch (equal-sized ranks, see losses)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "loss"}, prog_bar=False, sync_dist=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -276,6 +301,16 @@ class DistillStage(FlowModule):
                 torch.distributed.all_reduce(counts)
             for layer, c in zip(layers, counts):
                 layer.update_expert_bias(c)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = self.trainer.model if self._trainer is not None else None
+        if gradient_clip_val and isinstance(model, FullyShardedDataParallel):
+            # Lightning's FSDP precision plugin cannot clip by norm; FSDP computes the norm over all shards
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         spec = self.spec
@@ -293,6 +328,10 @@ class DistillStage(FlowModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        # what `export` needs to rebuild the student from this file alone (under FSDP, self.student is a wrapper)
+        student = getattr(self.student, "module", self.student)
+        config = {k: v for k, v in dict(student.config).items() if not k.startswith("_")}
+        checkpoint["student_config"] = {"class_name": type(student).__name__, "config": config}
 
     def teardown(self, stage: str) -> None:
         self._teacher_taps.remove()

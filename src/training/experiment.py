@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from src.errors import UserError
 from src.models.convert import ConversionConfig
@@ -32,15 +33,21 @@ class TeacherSpec:
     """The dense teacher."""
 
     path: str = "checkpoints/teacher_tiny"
-    """diffusers folder of a ``FluxTransformer2DModel`` (or a hub id, with ``subfolder``)."""
+    """diffusers folder of a ``FluxTransformer2DModel``, a FLUX pipeline folder or a hub id (with ``subfolder``)."""
     subfolder: str | None = None
     """Subfolder inside ``path`` (``transformer`` for a full FLUX pipeline folder)."""
+    dtype: str = "float32"
+    """Precision the teacher is loaded in: "float32", "bfloat16" (FLUX.1-dev) or "float16"."""
     preset: str | None = "teacher-tiny"
     """Config preset ("flux-dev", "teacher-tiny", "tiny") used to count parameters without weights."""
     expected: dict[str, Any] = field(default_factory=dict)
     """Config entries the checkpoint must have (a mismatch is refused)."""
     guidance: float = 3.5
     """Guidance value fed to a guidance-distilled teacher (and its student)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher.dtype={self.dtype!r}; allowed {list(TEACHER_DTYPES)}")
 
 
 @dataclass
@@ -117,12 +124,49 @@ class EvalSpec:
 
 @dataclass
 class DataSpec:
-    """The shapes world stream."""
+    """Training data: the procedural shapes world, or latent shards written by ``prepare-data``."""
 
+    kind: str = "shapes"
+    """"shapes" (rendered on the fly) or "latents" (FLUX latents + T5/CLIP embeddings from prepare-data)."""
     image_size: int = 32
-    """Image side in pixels."""
+    """Image side in pixels (latents: the side ``params`` counts FLOPs at; the data's own is in its manifest)."""
     seed: int = 0
     """Training stream seed (each stage offsets it)."""
+    snap: int = 1
+    """shapes: object boxes on a grid of this many pixels (match the teacher's training data; 1 = free)."""
+    path: str | None = None
+    """latents: prepare-data output folder or object-store URL (s3://, gs://, …)."""
+    num_workers: int = 0
+    """latents: DataLoader worker processes."""
+    verify: str = "size"
+    """latents: local shard check before training: "none", "size" or "hash" (sha256 of every chunk)."""
+    cache_dir: str | None = None
+    """latents: local cache for chunks streamed from an object store (default: litdata's)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"data.kind={self.kind!r}; allowed {list(DATA_KINDS)}")
+        if self.kind == "latents" and not self.path:
+            raise ValueError("data.path: required for data.kind=latents (a prepare-data output folder or URL)")
+        if self.verify not in ("none", "size", "hash"):
+            raise ValueError(f"data.verify={self.verify!r}; allowed ['none', 'size', 'hash']")
+
+
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+DATA_KINDS = ("shapes", "latents")
+RUNTIME_FIELDS = ("num_workers", "verify", "cache_dir")
+"""Fields that cannot change a result: left out of stage fingerprints."""
+LATER_FIELDS = {"dtype": "float32", "kind": "shapes", "path": None}
+"""Fields added after stage folders already existed: fingerprinted only when set, so those folders still resume."""
+
+
+def recipe(spec: Any) -> dict[str, Any]:
+    """A spec's fields as far as they change results (see RUNTIME_FIELDS, LATER_FIELDS)."""
+    return {
+        k: v
+        for k, v in asdict(spec).items()
+        if k not in RUNTIME_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+    }
 
 
 def fingerprint(obj: Any) -> str:
@@ -170,15 +214,17 @@ class Experiment:
     seed: int
     experiment_name: str
     tracking_uri: str | None
+    callbacks: list[Callback] = field(default_factory=list)
+    mlflow_parent_run_id: str | None = None
 
     def stage_fingerprint(self, index: int) -> str:
         """What a stage's result depends on: teacher, student recipe, Taylor calibration, stages up to it."""
         return fingerprint(
             {
-                "teacher": asdict(self.teacher),
+                "teacher": recipe(self.teacher),
                 "student": asdict(self.student),
                 "taylor": asdict(self.taylor),
-                "data": asdict(self.data),
+                "data": recipe(self.data),
                 "seed": self.seed,
                 "stages": [asdict(s) for s in self.stages[: index + 1]],
             }
@@ -199,6 +245,8 @@ def run_experiment(
     tracking_uri: str | None = None,
     only_stage: str | None = None,
     threads: int | None = None,
+    callbacks: list[Callback] | None = None,
+    mlflow_parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Run a Dense2MoE experiment: its stages in order, then the teacher-vs-student evaluation.
 
@@ -209,13 +257,15 @@ def run_experiment(
         student: How the student is made (conversion, MoB, pruning).
         taylor: Taylor-score calibration.
         evaluation: The evaluation at the end.
-        data: The shapes world stream.
+        data: Training data (the shapes world, or prepare-data latents).
         output_dir: Where stages, checkpoints and the report go (default runs/<name>).
         seed: Seed of every stage's noise and timesteps.
         experiment_name: MLflow experiment.
         tracking_uri: MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
         only_stage: Run just this stage (its predecessors must be finished) and skip the evaluation.
         threads: torch CPU threads.
+        callbacks: Extra Lightning callbacks for every stage (the sweep driver's pruning callback).
+        mlflow_parent_run_id: Nest the experiment's parent MLflow run under this run (a sweep trial's run).
     """
     from src.training.runner import run  # heavy imports only when running
 
@@ -237,6 +287,8 @@ def run_experiment(
         seed=seed,
         experiment_name=experiment_name,
         tracking_uri=tracking_uri,
+        callbacks=list(callbacks or []),
+        mlflow_parent_run_id=mlflow_parent_run_id,
     )
     return run(exp, only_stage)
 

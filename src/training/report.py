@@ -4,6 +4,9 @@ Teacher and student generate the same held-out prompts from the same noise. Repo
 logged to the parent MLflow run): GenEval-shapes per task and overall for both, fidelity to the teacher (PSNR,
 SSIM), total/activated parameters and FLOPs per image per step, and sampling latency of both measured in this
 run, plus a side-by-side grid (teacher row above student row) and the table as artifacts.
+
+On prepared FLUX latents (``data.kind: latents``) ``evaluate_latents`` reports velocity and sampled-latent
+fidelity on the held-out split instead of GenEval-shapes, with the same parameter and FLOP columns.
 """
 
 from __future__ import annotations
@@ -54,6 +57,26 @@ def latency(pipeline: ShapesPipeline, model, batch: int, repeats: int = 3) -> fl
         pipeline(prompts, seeds, model)
         times.append(time.perf_counter() - start)
     return statistics.median(times) / batch
+
+
+def summary_keys(data_kind: str = "shapes") -> list[str]:
+    """Every metric the end-of-fit evaluation writes to ``report/summary.json`` (what a sweep may optimise):
+    ``evaluate_experiment``'s for the shapes world, ``evaluate_latents``'s for prepared latents.
+
+    ``fidelity/lpips`` appears only when the LPIPS weights are available locally.
+    """
+    keys = []
+    for name in ("teacher", "student"):
+        keys += [f"params/{name}_{kind}" for kind in ("total", "activated", "activated_without_modulation")]
+        keys += [f"flops/{name}", f"latency/{name}_s_per_image"]
+    keys += ["params/activated", "flops", "fidelity/pairs"]
+    if data_kind == "latents":
+        keys += [f"fidelity/velocity_rel_mse_sigma_{s}" for s in VELOCITY_SIGMAS]
+        return keys + ["fidelity/velocity_rel_mse", "fidelity/latent_rel_mse", "fidelity/latent_cosine"]
+    for name in ("teacher", "student"):
+        keys += [f"{name}/geneval_shapes/{task}" for task in ("overall", *TASKS)]
+    keys += ["fidelity/psnr", "fidelity/ssim", "fidelity/lpips"]
+    return keys + ["geneval_shapes/overall", "geneval_shapes/retained"]
 
 
 def evaluate_experiment(exp, teacher, student, pipeline: ShapesPipeline, uri: str, parent_run_id: str) -> dict:
@@ -140,4 +163,147 @@ def format_table(r: dict[str, Any]) -> str:
     )
     lines.append(f"| fidelity to teacher (same noise) | – | {fid} |")
     lines.append(f"| GenEval-shapes retained | – | {pct(r['geneval_shapes/retained'])}% |")
+    return "\n".join(lines) + "\n"
+
+
+# --- latent data (FLUX scale) ---------------------------------------------------------------------------------------
+VELOCITY_SIGMAS = (0.25, 0.5, 0.75, 1.0)
+"""Noise levels at which held-out velocity fidelity is measured."""
+
+
+def evaluate_latents(exp, teacher, student, conditioning, uri: str, parent_run_id: str) -> dict:
+    """Teacher vs student on the held-out prepared samples (data.kind = latents).
+
+    GenEval needs decoded images and a detector, which the fit does not load; this reports what the latents show:
+    the student's velocity error relative to the teacher's at fixed noise levels, the relative error and cosine of
+    the latents both sample from the same noise (Euler, FLUX's resolution-dependent shift, the teacher's guidance
+    embedding), sampling latency, and parameters/FLOPs. Image-level quality: export the student and run
+    ``python -m src.cli evaluate`` with the FLUX pipeline.
+    """
+    import mlflow
+
+    from src.data.latents import load_manifest
+
+    manifest = load_manifest(exp.data.path, exp.data.cache_dir)
+    _, h, w = manifest["latent_shape"]
+    tokens = (h // 2) * (w // 2)
+    results: dict[str, Any] = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        params = count_params(model)
+        results[f"params/{name}_total"] = params["total"]
+        results[f"params/{name}_activated"] = params["activated"]
+        results[f"params/{name}_activated_without_modulation"] = params["activated_without_modulation"]
+        # FluxPipeline runs max_sequence_length T5 tokens at inference
+        flops = flops_per_image(model, image_tokens=tokens, text_len=manifest["max_sequence_length"])
+        results[f"flops/{name}"] = flops["total"]
+    if manifest["splits"]["heldout"]["samples"]:
+        results |= _latent_fidelity(exp, teacher, student, conditioning, tokens)
+    else:
+        print("evaluation: the prepared data has no held-out samples (prepare-data heldout: 0); fidelity skipped")
+    results["params/activated"] = results["params/student_activated"]
+    results["flops"] = results["flops/student"]
+    table = format_latent_table(results)
+    print(table)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.log_batch(parent_run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in results.items()])
+    client.log_text(parent_run_id, table, "report/summary.md")
+    client.log_dict(parent_run_id, results, "report/summary.json")
+    report_dir = exp.output_dir / "report"
+    report_dir.mkdir(exist_ok=True)
+    (report_dir / "summary.md").write_text(table)
+    (report_dir / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _latent_fidelity(exp, teacher, student, conditioning, tokens: int) -> dict[str, Any]:
+    """Velocity and sampled-latent fidelity over the held-out split; every sample's noise is seeded by its index."""
+    import math
+
+    import torch
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from src.data.latents import LatentDataModule
+    from src.models.flow import euler_sample, fixed_noise
+    from src.training.conditioning import velocity
+
+    ev, guidance = exp.evaluation, conditioning.guidance
+    data = LatentDataModule(
+        exp.data.path, ev.batch_size, split="heldout", shuffle=False, drop_last=False, cache_dir=exp.data.cache_dir
+    )
+    device = next(teacher.parameters()).device
+    shift = math.exp(calculate_shift(tokens))  # FluxPipeline's dynamic shift at this resolution
+    student.eval()
+    sums: dict[str, float] = {}
+    seconds = {"teacher": 0.0, "student": 0.0}
+    samples, cosines = 0, []
+
+    def add(key: str, value: torch.Tensor) -> None:
+        sums[key] = sums.get(key, 0.0) + float(value)
+
+    with torch.no_grad():
+        for batch in data.dataloader():
+            inputs = conditioning.inputs({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            x0_BLD = inputs.x0_BLD
+            seeds = [exp.seed * 1_000_003 + int(i) for i in batch["index"]]
+            noise_BLD = fixed_noise(tuple(x0_BLD.shape[1:]), seeds, device)
+            for sigma in VELOCITY_SIGMAS:
+                sigma_B = torch.full((x0_BLD.shape[0],), sigma, device=device)
+                x_t = (1 - sigma) * x0_BLD + sigma * noise_BLD
+                v_t = velocity(teacher, x_t, sigma_B, inputs, guidance).float()
+                v_s = velocity(student, x_t, sigma_B, inputs, guidance).float()
+                add(f"err/{sigma}", (v_s - v_t).pow(2).sum())
+                add(f"ref/{sigma}", v_t.pow(2).sum())
+            final = {}
+            for name, model in (("teacher", teacher), ("student", student)):
+                start = time.perf_counter()
+                final[name] = euler_sample(
+                    lambda x, s, _cond, m=model, i=inputs: velocity(m, x, s, i, guidance).float(),
+                    noise_BLD,
+                    ev.steps,
+                    shift=shift,
+                )
+                seconds[name] += time.perf_counter() - start
+            add("latent_err", (final["student"] - final["teacher"]).pow(2).sum())
+            add("latent_ref", final["teacher"].pow(2).sum())
+            flat_t, flat_s = final["teacher"].flatten(1), final["student"].flatten(1)
+            cosines += torch.nn.functional.cosine_similarity(flat_s, flat_t, dim=1).tolist()
+            samples += x0_BLD.shape[0]
+    out: dict[str, Any] = {
+        f"fidelity/velocity_rel_mse_sigma_{s}": sums[f"err/{s}"] / max(sums[f"ref/{s}"], 1e-12)
+        for s in VELOCITY_SIGMAS
+    }
+    out["fidelity/velocity_rel_mse"] = sum(sums[f"err/{s}"] for s in VELOCITY_SIGMAS) / max(
+        sum(sums[f"ref/{s}"] for s in VELOCITY_SIGMAS), 1e-12
+    )
+    out["fidelity/latent_rel_mse"] = sums["latent_err"] / max(sums["latent_ref"], 1e-12)
+    out["fidelity/latent_cosine"] = statistics.fmean(cosines)
+    out["fidelity/pairs"] = samples
+    for name in ("teacher", "student"):
+        out[f"latency/{name}_s_per_image"] = seconds[name] / samples
+    return out
+
+
+def format_latent_table(r: dict[str, Any]) -> str:
+    def size(n: float) -> str:
+        return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
+
+    lines = ["| | teacher | student |", "|---|---:|---:|"]
+    for label, key in (
+        ("params total", "total"),
+        ("params activated", "activated"),
+        ("activated w/o AdaLN modulation", "activated_without_modulation"),
+    ):
+        lines.append(f"| {label} | {size(r[f'params/teacher_{key}'])} | {size(r[f'params/student_{key}'])} |")
+    lines.append(f"| FLOPs / image / step | {r['flops/teacher']:.4g} | {r['flops/student']:.4g} |")
+    if "fidelity/pairs" in r:
+        lines.append(
+            f"| sampling latency (s/image) | {r['latency/teacher_s_per_image']:.4f} "
+            f"| {r['latency/student_s_per_image']:.4f} |"
+        )
+        for s in VELOCITY_SIGMAS:
+            error = r[f"fidelity/velocity_rel_mse_sigma_{s}"]
+            lines.append(f"| velocity rel. MSE to teacher, σ = {s} | – | {error:.4f} |")
+        lines.append(f"| sampled-latent rel. MSE to teacher (same noise) | – | {r['fidelity/latent_rel_mse']:.4f} |")
+        lines.append(f"| sampled-latent cosine to teacher | – | {r['fidelity/latent_cosine']:.4f} |")
+        lines.append(f"| held-out samples | – | {r['fidelity/pairs']} |")
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -19,56 +20,142 @@ from src.models.mob import MoBConfig, mob_groups
 from src.models.moe import moe_layers, set_top_k
 from src.models.pipeline import SamplingConfig, ShapesPipeline
 from src.training.callbacks import ExpertLoadCallback, StageProgressBar
+from src.training.conditioning import LatentConditioning, ShapesConditioning, velocity
 from src.training.distill import DistillStage, StageSpec
 from src.training.experiment import Experiment
 from src.training.mlflow_logging import MLflowLogger, check_tracking_uri, resolve_tracking_uri
+from src.training.strategies import (
+    build_strategy,
+    full_student,
+    has_fsdp_units,
+    is_fsdp,
+    is_main_rank,
+    launched_num_nodes,
+    rank_barrier,
+)
 from src.training.teacher import check_writable_dir
 
 
 def load_teacher(exp: Experiment) -> torch.nn.Module:
-    path = exp.teacher.path
-    if exp.teacher.subfolder:
-        path = os.path.join(path, exp.teacher.subfolder)
-    teacher = load_transformer(path, exp.teacher.expected or None)
-    if type(teacher).__name__ != "FluxTransformer2DModel" and getattr(teacher.config, "moe", None):
-        raise UserError(f"teacher {path}: is an MoE model; the teacher must be a dense FluxTransformer2DModel")
+    """The dense teacher in ``teacher.dtype`` from a transformer folder, a FLUX pipeline folder (with
+    ``subfolder: transformer``) or a hub id; diffusers builds it on the meta device, then assigns the weights."""
+    from evaluation.generate import DTYPES, is_hub_id
+
+    spec = exp.teacher
+    root = Path(spec.path).expanduser()
+    if not root.exists() and is_hub_id(spec.path):
+        root = _hub_snapshot(spec.path, spec.subfolder)
+    folder = root / spec.subfolder if spec.subfolder else root
+    _check_teacher_folder(spec.path, root, folder)
+    teacher = load_transformer(folder, spec.expected or None, dtype=DTYPES[spec.dtype], low_cpu_mem_usage=True)
     return teacher.eval().requires_grad_(False)
 
 
-def _stream_data(exp: Experiment, batch_size: int, offset: int):
+def _hub_snapshot(repo: str, subfolder: str | None) -> Path:
+    """The local copy of a hub repository (the transformer subfolder only), downloading what is missing."""
+    from huggingface_hub import snapshot_download
+
+    from evaluation.generate import short_reason
+
+    patterns = [f"{subfolder}/*", "model_index.json"] if subfolder else None
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - offline, gated, unknown repo: each its own type
+        raise UserError(
+            f"teacher.path {repo}: no local folder of that name and the hub cannot provide it ({short_reason(exc)}); "
+            f"download it first (hf download {repo}) and set teacher.path to its folder"
+        ) from None
+
+
+def _check_teacher_folder(name: str, root: Path, folder: Path) -> None:
+    """A missing folder or one holding another kind of model is named, with the file that says so."""
+    from src.data.prepare import config_class_name, is_flux_pipeline_class
+
+    if not root.is_dir():
+        raise UserError(
+            f"teacher.path {name}: no such folder (a FluxTransformer2DModel folder, a FLUX pipeline folder with "
+            "teacher.subfolder: transformer, or a hub id)"
+        )
+    index = root / "model_index.json"
+    if index.is_file() and not is_flux_pipeline_class(found := config_class_name(index)):
+        raise UserError(f"teacher {index}: a {found!r}, not a FLUX pipeline")
+    config = folder / "config.json"
+    if not config.is_file():
+        hint = "; set teacher.subfolder: transformer" if index.is_file() and folder == root else ""
+        raise UserError(f"teacher {config}: missing (expected a diffusers FluxTransformer2DModel folder){hint}")
+    if (found := config_class_name(config)) != "FluxTransformer2DModel":
+        raise UserError(f"teacher {config}: a {found!r}; the teacher must be a dense FluxTransformer2DModel")
+
+
+def _stream_data(exp: Experiment, batch_size: int, offset: int, teacher=None, verify: str = "none"):
+    """The stage's training data; latent data is checked against the teacher's config (and its shards with
+    ``verify``, which ``run`` does once for all stages)."""
+    if exp.data.kind == "latents":
+        from src.data.latents import LatentDataModule
+
+        d = exp.data
+        return LatentDataModule(
+            d.path,
+            batch_size=batch_size,
+            seed=d.seed + offset,
+            num_workers=d.num_workers,
+            teacher_config=teacher.config if teacher is not None else None,
+            verify=verify,
+            cache_dir=d.cache_dir,
+        )
     from src.data.datamodule import ShapesDataModule
 
     return ShapesDataModule(
-        image_size=exp.data.image_size, batch_size=batch_size, seed=exp.data.seed + offset, val_prompts_per_task=4
+        image_size=exp.data.image_size,
+        batch_size=batch_size,
+        seed=exp.data.seed + offset,
+        val_prompts_per_task=4,
+        snap=exp.data.snap,
     )
 
 
 # --- the initial student ----------------------------------------------------------------------------------------
-def taylor_batches(exp: Experiment, pipeline: ShapesPipeline, teacher: torch.nn.Module):
-    """Calibration batches with noise levels spread evenly over (0, 1) (Taylor scores across timesteps)."""
+def _calibration_data(exp: Experiment):
+    """The raw batches Taylor calibration draws from: its own shapes stream, or the latent training split."""
     data = _stream_data(exp, exp.taylor.batch_size, offset=7919)
-    stream = data.train_stream
+    if exp.data.kind == "shapes":
+        yield from (data.train_stream.batch(i) for i in range(exp.taylor.batches))
+        return
+    produced = 0
+    while produced < exp.taylor.batches:  # a small dataset is cycled (one reshuffle per pass)
+        for batch in data.train_dataloader():
+            yield batch
+            produced += 1
+            if produced == exp.taylor.batches:
+                return
+
+
+def taylor_batches(exp: Experiment, conditioning, teacher: torch.nn.Module):
+    """Calibration batches with noise levels spread evenly over (0, 1) (Taylor scores across timesteps)."""
     n = exp.taylor.batches
-    for i in range(n):
-        batch = stream.batch(i)
+    for i, batch in enumerate(_calibration_data(exp)):
         gen = torch.Generator().manual_seed(exp.seed * 7 + i)
-        x0 = pipeline.images_to_tokens(batch["image"])
+        inputs = conditioning.inputs(batch)
+        x0 = inputs.x0_BLD
         sigma = ((torch.arange(x0.shape[0]) + torch.rand(x0.shape[0], generator=gen)) / x0.shape[0] + i / n) % 1.0
         noise = torch.randn(x0.shape, generator=gen)
-        tokens, pooled = pipeline.encode_prompts(batch["prompt"])
         x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        uncond = conditioning.unconditional(x0.shape[0])
         if exp.taylor.loss == "flow":
             target = noise - x0
+        elif uncond is None:  # a guidance-distilled teacher: its guided velocity is one call
+            with torch.no_grad():
+                target = velocity(teacher, x_t, sigma, inputs, conditioning.guidance).float()
         else:  # the teacher's classifier-free-guided velocity: what the student will be asked to reproduce
             with torch.no_grad():
-                uncond = pipeline.encode_prompts([""] * x0.shape[0])
-                v_c = pipeline.velocity(x_t, sigma, tokens, pooled, teacher)
-                v_u = pipeline.velocity(x_t, sigma, *uncond, teacher)
-                target = v_u + pipeline.sampling.cfg_scale * (v_c - v_u)
-        yield {"x_t": x_t, "sigma": sigma, "tokens": tokens, "pooled": pooled, "target": target}
+                v_c = velocity(teacher, x_t, sigma, inputs, conditioning.guidance)
+                empty = dataclasses.replace(inputs, tokens_BTE=uncond[0], pooled_BP=uncond[1])
+                v_u = velocity(teacher, x_t, sigma, empty, conditioning.guidance)
+                target = v_u + conditioning.pipeline.sampling.cfg_scale * (v_c - v_u)
+        yield {"x_t": x_t, "sigma": sigma, "inputs": inputs, "target": target}
 
 
-def initial_student(exp: Experiment, teacher: torch.nn.Module, pipeline: ShapesPipeline) -> torch.nn.Module:
+def initial_student(exp: Experiment, teacher: torch.nn.Module, conditioning) -> torch.nn.Module:
     from src.models.convert import convert_flux_to_moe
     from src.models.prune import block_importance_mse, blocks_to_remove, depth_prune, width_prune
     from src.models.taylor import load_scores, save_scores, taylor_scores
@@ -85,12 +172,14 @@ def initial_student(exp: Experiment, teacher: torch.nn.Module, pipeline: ShapesP
         else:
 
             def loss_fn(model, b):
-                v = pipeline.velocity(b["x_t"], b["sigma"], b["tokens"], b["pooled"], model)
-                return torch.nn.functional.mse_loss(v, b["target"])
+                v = velocity(model, b["x_t"], b["sigma"], b["inputs"], conditioning.guidance)
+                return torch.nn.functional.mse_loss(v.float(), b["target"])
 
             print(f"Taylor scores over {exp.taylor.batches} calibration batches ({exp.taylor.loss} loss)")
-            scores = taylor_scores(teacher, taylor_batches(exp, pipeline, teacher), loss_fn)
-            save_scores(path, scores)
+            scores = taylor_scores(teacher, taylor_batches(exp, conditioning, teacher), loss_fn)
+            if is_main_rank():  # every rank computes the same scores; one writes them, atomically
+                save_scores(path.with_suffix(".partial"), scores)
+                os.replace(path.with_suffix(".partial"), path)
     model = teacher
     if prune is not None and prune.kind == "width":
         ffn = 4 * teacher.inner_dim
@@ -100,16 +189,18 @@ def initial_student(exp: Experiment, teacher: torch.nn.Module, pipeline: ShapesP
         keep_d, keep_s = prune.keep_double or nd, prune.keep_single or ns
         importance = None
         if prune.rank == "mse":
+            guided = getattr(teacher.config, "guidance_embeds", False)
             batches = [
                 {
-                    "hidden_states": b["x_t"],
-                    "encoder_hidden_states": b["tokens"],
-                    "pooled_projections": b["pooled"],
+                    "hidden_states": b["x_t"].to(teacher.dtype),
+                    "encoder_hidden_states": b["inputs"].tokens_BTE.to(teacher.dtype),
+                    "pooled_projections": b["inputs"].pooled_BP.to(teacher.dtype),
                     "timestep": b["sigma"],
-                    "img_ids": _ids(pipeline)[0],
-                    "txt_ids": _ids(pipeline, b["tokens"].shape[1])[1],
+                    "img_ids": b["inputs"].img_ids_L3,
+                    "txt_ids": b["inputs"].txt_ids_T3,
+                    "guidance": torch.full_like(b["sigma"], conditioning.guidance) if guided else None,
                 }
-                for b in taylor_batches(exp, pipeline, teacher)
+                for b in taylor_batches(exp, conditioning, teacher)
             ]
             importance = block_importance_mse(teacher, batches)
         remove_d = blocks_to_remove(nd, keep_d, importance["double"] if importance else None)
@@ -118,13 +209,6 @@ def initial_student(exp: Experiment, teacher: torch.nn.Module, pipeline: ShapesP
     if conv is not None:
         return convert_flux_to_moe(model, conv, scores if model is teacher else None).train()
     return (copy.deepcopy(model) if model is teacher else model).train().requires_grad_(True)
-
-
-def _ids(pipeline: ShapesPipeline, text_len: int = 16):
-    from src.models.flow import image_ids, text_ids
-
-    n = pipeline.tokens_per_side
-    return image_ids(n, n), text_ids(text_len)
 
 
 def add_mob(student: torch.nn.Module, mob: MoBConfig) -> torch.nn.Module:
@@ -154,9 +238,7 @@ def _newest_checkpoint(folder: Path) -> tuple[Path, set[str]] | tuple[None, None
     return None, None
 
 
-def run_stage(
-    exp: Experiment, index: int, teacher, student, pipeline: ShapesPipeline, parent_run_id: str
-) -> torch.nn.Module:
+def run_stage(exp: Experiment, index: int, teacher, student, conditioning, parent_run_id: str) -> torch.nn.Module:
     spec: StageSpec = exp.stages[index]
     stage_dir = exp.output_dir / spec.name
     ckpt_dir = stage_dir / "checkpoints"
@@ -168,7 +250,8 @@ def run_stage(
             "layout); it is kept untouched — use a new output_dir or delete that folder"
         )
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps({"fingerprint": fp, "stage": spec.name}) + "\n")
+    if is_main_rank():
+        meta.write_text(json.dumps({"fingerprint": fp, "stage": spec.name}) + "\n")
     resume, keys = _newest_checkpoint(ckpt_dir)
     if resume is not None:
         wanted = {f"student.{k}" for k in student.state_dict()}
@@ -177,7 +260,7 @@ def run_stage(
                 f"checkpoint {resume}: its student does not match this stage's student (different MoE layout or "
                 "blocks); it is kept untouched — use a new output_dir"
             )
-    module = DistillStage(teacher, student, spec, pipeline, seed=exp.seed + 1009 * index)
+    module = DistillStage(teacher, student, spec, conditioning, seed=exp.seed + 1009 * index)
     os.environ["DENSE2MOE_PARENT_RUN_ID"] = parent_run_id
     logger = MLflowLogger(
         experiment_name=exp.experiment_name,
@@ -193,32 +276,35 @@ def run_stage(
         save_top_k=1,
         save_last=True,
     )
-    trainer = L.Trainer(
+    trainer_args = dict(
         max_steps=spec.steps,
         accelerator=spec.accelerator,
         devices=spec.devices,
-        strategy=spec.strategy,
+        strategy=build_strategy(spec.strategy, spec.kind),
+        num_nodes=launched_num_nodes(),
         precision=spec.precision,
         gradient_clip_val=spec.gradient_clip_val,
         logger=logger,
-        callbacks=[checkpoint, ExpertLoadCallback(), StageProgressBar(f"{exp.name}/{spec.name}")],
+        callbacks=[checkpoint, ExpertLoadCallback(), StageProgressBar(f"{exp.name}/{spec.name}"), *exp.callbacks],
         limit_val_batches=0,
         num_sanity_val_steps=0,
         log_every_n_steps=min(10, spec.steps),
         enable_model_summary=False,
-        **spec.extra_trainer,
     )
-    data = _stream_data(exp, spec.batch_size, offset=104729 * (index + 1))
+    trainer = L.Trainer(**(trainer_args | spec.extra_trainer))  # extra_trainer may override any default
+    data = _stream_data(exp, spec.batch_size, offset=104729 * (index + 1), teacher=teacher)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     if trainer.interrupted:
         raise KeyboardInterrupt
+    if is_fsdp(trainer.strategy):  # the trained weights are sharded over the ranks: gather them
+        student = full_student(trainer, student)
     if spec.kind == "shared_kd":
         set_top_k(student, module.top_k)
     return student
 
 
 def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
-    from src.training.report import evaluate_experiment
+    from src.training.report import evaluate_experiment, evaluate_latents
 
     check_writable_dir(str(exp.output_dir), "output_dir")
     uri = resolve_tracking_uri(exp.tracking_uri)
@@ -235,8 +321,13 @@ def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
     sampling = SamplingConfig(
         steps=exp.evaluation.steps, cfg_scale=exp.evaluation.cfg_scale, guidance=exp.teacher.guidance
     )
-    pipeline = ShapesPipeline(teacher, image_size=exp.data.image_size, sampling=sampling)
-    parent = _parent_run(exp, uri)
+    if exp.data.kind == "latents":
+        # refuse data that does not fit the teacher, damaged shards or too few samples before any stage runs
+        _stream_data(exp, max(s.batch_size for s in exp.stages), 0, teacher, verify=exp.data.verify)
+        conditioning = LatentConditioning(exp.teacher.guidance)
+    else:
+        conditioning = ShapesConditioning(ShapesPipeline(teacher, image_size=exp.data.image_size, sampling=sampling))
+    parent = _parent_run(exp, uri) if is_main_rank() else ""
     started = time.perf_counter()
     student_dir: Path | None = None
     try:
@@ -256,27 +347,39 @@ def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
                 raise UserError(f"only_stage={only_stage!r}: stage {spec.name!r} before it is not finished yet")
             if student_dir is None:
                 try:
-                    student = initial_student(exp, teacher, pipeline)
+                    student = initial_student(exp, teacher, conditioning)
                 except ValueError as err:  # conversion / pruning settings that don't fit this teacher
                     raise UserError(f"student: {err}") from None
             else:
                 student = load_transformer(student_dir)
             if spec.kind == "mob_kd" and not mob_groups(student):
                 student = add_mob(student, exp.student.mob)
-            student = run_stage(exp, index, teacher, student, pipeline, parent)
-            student.save_pretrained(stage_dir / "student")
-            done.write_text(json.dumps({"fingerprint": exp.stage_fingerprint(index), "stage": spec.name}) + "\n")
+            student = run_stage(exp, index, teacher, student, conditioning, parent)
+            if has_fsdp_units(teacher):  # FSDP sharded the teacher's blocks in place: a whole one for what follows
+                teacher = load_teacher(exp)
+                if conditioning.pipeline is not None:
+                    conditioning.pipeline.transformer = teacher
+            if is_main_rank():  # data-parallel ranks hold the same student: one writes it, all read it next
+                student.save_pretrained(stage_dir / "student")
+                done.write_text(json.dumps({"fingerprint": exp.stage_fingerprint(index), "stage": spec.name}) + "\n")
+            rank_barrier()
             student_dir = stage_dir / "student"
             if only_stage == spec.name:
                 print(f"stage {spec.name}: done ({student_dir})")
                 return {"student": str(student_dir)}
     except BaseException:
-        _finish_parent(uri, parent, "FAILED")
+        if parent:
+            _finish_parent(uri, parent, "FAILED")
         raise
     result: dict[str, Any] = {"student": str(student_dir)}
+    if not is_main_rank():  # the evaluation and the parent MLflow run belong to rank 0
+        return result
     if exp.evaluation.enabled:
         student = load_transformer(student_dir)
-        result |= evaluate_experiment(exp, teacher, student, pipeline, uri, parent)
+        if exp.data.kind == "latents":
+            result |= evaluate_latents(exp, teacher, student, conditioning, uri, parent)
+        else:
+            result |= evaluate_experiment(exp, teacher, student, conditioning.pipeline, uri, parent)
     _finish_parent(uri, parent, "FINISHED", time.perf_counter() - started)
     print(f"MLflow: experiment {exp.experiment_name!r}, parent run {parent} with one nested run per stage ({uri})")
     print(f"  view it: mlflow ui --backend-store-uri {uri}")
@@ -294,6 +397,8 @@ def _parent_run(exp: Experiment, uri: str) -> str:
         try:
             client.get_run(run_id)
             client.update_run(run_id, status="RUNNING")
+            if exp.mlflow_parent_run_id:
+                client.set_tag(run_id, "mlflow.parentRunId", exp.mlflow_parent_run_id)
             return run_id
         except mlflow.exceptions.MlflowException:
             pass
@@ -302,6 +407,8 @@ def _parent_run(exp: Experiment, uri: str) -> str:
     from src.training.mlflow_logging import git_commit
 
     tags = {"experiment": exp.name, "kind": "dense2moe"}
+    if exp.mlflow_parent_run_id:  # a sweep trial's run
+        tags["mlflow.parentRunId"] = exp.mlflow_parent_run_id
     if git_commit():
         tags["mlflow.source.git.commit"] = git_commit()
     run = client.create_run(exp_id, run_name=exp.name, tags=tags)

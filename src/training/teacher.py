@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 
 from src.errors import UserError
-from src.models.flow import TIMESTEP_SAMPLINGS, sample_sigmas
+from src.models.flow import PREDICTION_TYPES, TIMESTEP_SAMPLINGS, sample_sigmas
 from src.models.loading import load_transformer
 from src.models.pipeline import SamplingConfig, ShapesPipeline
 from src.models.text_encoder import HashTextEncoder, TextEncoderConfig
@@ -50,6 +50,7 @@ class TeacherModule(FlowModule):
         warmup_steps: int = 200,
         init_from: str | None = None,
         export_dir: str | None = None,
+        prediction_type: str = "velocity",
     ) -> None:
         """
         Args:
@@ -67,11 +68,16 @@ class TeacherModule(FlowModule):
             warmup_steps: Linear warm-up steps.
             init_from: Optional diffusers folder to start from instead of random weights.
             export_dir: Where ``save_pretrained`` writes the final (EMA) transformer.
+            prediction_type: What the transformer outputs: "velocity" (ε − x_0, as FLUX) or "sample" (x̂_0, JiT's
+                x-prediction, trained with the same velocity loss). Stored in the exported config, so sampling and
+                distillation convert the output to a velocity.
         """
         super().__init__()
         self.save_hyperparameters()
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"timestep_sampling={timestep_sampling!r}: allowed {TIMESTEP_SAMPLINGS}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={prediction_type!r}: allowed {PREDICTION_TYPES}")
         if not 0 <= text_dropout < 1:
             raise ValueError(f"text_dropout={text_dropout}: must be in [0, 1)")
         expected_in = 3 * patch_size**2
@@ -94,6 +100,8 @@ class TeacherModule(FlowModule):
         self.transformer = (
             load_transformer(init_from, transformer) if init_from else FluxTransformer2DModel(**transformer)
         )
+        if prediction_type != "velocity" or "prediction_type" in self.transformer.config:
+            self.transformer.register_to_config(prediction_type=prediction_type)
         self.pipeline = ShapesPipeline(self.transformer, self.text_encoder, image_size, patch_size, sampling)
 
     def sampling_model(self) -> torch.nn.Module:
