@@ -118,12 +118,16 @@ def test_fit_on_latents_runs_every_stage_and_reports_fidelity(latent_student):
     assert report["flops/student"] < report["flops/teacher"]
 
 
-def test_the_latent_student_generates_in_a_flux_pipeline(latent_student, prepared):
+def test_the_exported_latent_student_generates_in_a_flux_pipeline(latent_student, prepared, tmp_path, capsys):
+    """The acceptance chain's last two links: `export` of the experiment folder, then FluxPipeline generation."""
     from diffusers import FluxPipeline
 
     from src.models.loading import load_transformer
 
-    student = load_transformer(latent_student)
+    main(["export", "--ckpt", str(latent_student.parents[1]), "--out", str(tmp_path / "export")])
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "activated" in card and "fidelity/latent_cosine" in card.replace("`", "")
+    student = load_transformer(tmp_path / "export")
     pipe = FluxPipeline.from_pretrained(prepared[0], transformer=student)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(

@@ -107,7 +107,7 @@ def test_four_trials_one_fails_the_others_complete(base, workdir, capsys):
     summary = json.loads((Path(by_layout["1S4E2A"].user_attrs["trial_dir"]) / "run/report/summary.json").read_text())
     assert set(summary) <= set(summary_keys()) and set(summary_keys()) - set(summary) <= {"fidelity/lpips"}
 
-    parent, trials = runs_of_trials(mlflow.MlflowClient())
+    parent, trials = runs_of_trials(mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]))
     assert len(trials) == 4 and parent.info.status == "FINISHED"
     states = {r.data.params["student.conversion.layout"]: r for r in trials}
     assert states["1S5E2A"].data.tags["sweep.state"] == "FAIL" and states["1S5E2A"].info.status == "FAILED"
@@ -115,11 +115,11 @@ def test_four_trials_one_fails_the_others_complete(base, workdir, capsys):
     done = states["1S2E1A"]
     assert done.data.tags["sweep.state"] == "COMPLETE" and "geneval_shapes/overall" in done.data.metrics
     assert done.data.tags["sweep.study"] == "tiny" and done.data.tags["sweep.trial"].isdigit()
-    experiment_runs = mlflow.MlflowClient().search_runs(
+    experiment_runs = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{done.info.run_id}'"
     )
     assert [r.info.run_name for r in experiment_runs] == [f"tiny-t{done.data.tags['sweep.trial']}"]
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "plots")}
+    artifacts = {a.path for a in mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/pareto_front.png", "plots/param_importances_0.png", "plots/optimization_history_0.png"} <= artifacts
     table = (workdir / "sweep" / "best_trials.md").read_text()
     assert "Pareto front" in table and "cannot split" in table and "Pareto front" in out
@@ -182,7 +182,7 @@ def test_interrupted_and_killed_sweeps_resume_without_repeating_trials(base, wor
     assert t0.state == TrialState.FAIL and t0.user_attrs["fail_reason"].startswith("interrupted")
     retry = study.trials[1]
     assert retry.state == TrialState.WAITING and retry.system_attrs["fixed_params"] == t0.params
-    parent, runs = runs_of_trials(mlflow.MlflowClient())
+    parent, runs = runs_of_trials(mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]))
     assert parent.info.status == "KILLED" and [r.data.tags["sweep.state"] for r in runs] == ["FAIL"]
 
     # 2) rerun: the queued retry (trial 1) completes; the driver is killed outright while trial 2 runs
@@ -204,7 +204,7 @@ def test_interrupted_and_killed_sweeps_resume_without_repeating_trials(base, wor
     assert not Path(f"/proc/{orphan}").exists() or b"zombie" in Path(f"/proc/{orphan}/status").read_bytes().lower()
     log = (trial / "trial_0001" / "log.txt").read_text()
     assert log.count("src.cli fit") == 1  # the finished trial was not run again
-    parent, runs = runs_of_trials(mlflow.MlflowClient())
+    parent, runs = runs_of_trials(mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]))
     assert parent.info.status == "FINISHED"
     assert sorted(r.data.tags["sweep.state"] for r in runs) == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
 
@@ -249,7 +249,7 @@ def test_a_lightning_cli_base_runs_nested_and_an_unlogged_objective_stops_the_st
     config = yaml.safe_load((trial_dir / "config.yaml").read_text())
     assert config["trainer"]["default_root_dir"] == str(trial_dir / "run")
     assert (trial_dir / "teacher" / "config.json").is_file()  # {trial_dir} filled in
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     parent, (trial_run,) = runs_of_trials(client)
     (fit_run,) = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{trial_run.info.run_id}'"
