@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from evaluation.fid import FID_WEIGHTS_URL, check_fid_available, class_accuracy, class_correct, fid_input
+from evaluation.fid import FID_WEIGHTS_URL, check_fid_available, class_accuracy, class_correct, fid_input, fid_metric
 from src.cli import main
 from src.data.classes import CLASS_METADATA, CLASSES, ClassShapesDataModule
 from src.data.shapes import BACKGROUND, ShapeObject, render_scene
@@ -83,3 +83,37 @@ def test_training_stream_is_deterministic_and_covers_the_classes():
     for image, label in zip(a["image"][:8], a["label"][:8]):
         uint8 = ((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
         assert class_correct(uint8, int(label)), CLASS_METADATA[int(label)]["prompt"]
+
+
+@pytest.mark.skipif(not HAS_TORCH_FIDELITY, reason="torch-fidelity is not installed")
+def test_fid_end_to_end_with_a_local_randomly_initialised_inception(tmp_path, monkeypatch):
+    """No weights can be downloaded here: a random Inception-v3 of the real architecture, saved to a local file,
+    drives the same FrechetInceptionDistance path (identical sets score ~0, different ones clearly more)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    torch.manual_seed(0)
+    # Build the architecture once with its own random init (the weights loader returns the model's own state).
+    monkeypatch.setattr(tf_inception.torch.nn.Module, "load_state_dict", lambda self, state, *a, **k: None)
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
+    random_net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    monkeypatch.undo()
+    weights = tmp_path / "inception.pth"
+    torch.save(random_net.state_dict(), weights)
+    check_fid_available(weights)
+
+    from src.data.shapes import ShapesWorld, task_compositions
+
+    world = ShapesWorld(snap=4)
+    prompts = task_compositions("colors")
+    rng = np.random.default_rng(0)
+    real = np.stack([world.render(prompts[i % len(prompts)], rng)[0] for i in range(16)])
+    noise = rng.integers(0, 256, size=real.shape, dtype=np.uint8)
+    metric = fid_metric(weights, feature=64)
+    metric.update(fid_input(real), real=True)
+    metric.update(fid_input(real), real=False)
+    same = float(metric.compute())
+    metric.reset()  # keeps the real statistics
+    metric.update(fid_input(noise), real=False)
+    different = float(metric.compute())
+    # Random features are small in scale: compare the two against each other.
+    assert abs(same) < 1e-6 and different > 1e-2 and different > 1e4 * abs(same)

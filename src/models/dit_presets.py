@@ -131,6 +131,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "jitmoe-mini": {
         **_JIT,
         **_MINI,
+        "positions": "absolute+rope2d",
         "hidden": 96,
         "depth": 6,
         "heads": 4,

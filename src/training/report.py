@@ -269,8 +269,7 @@ def _latent_fidelity(exp, teacher, student, conditioning, tokens: int) -> dict[s
             cosines += torch.nn.functional.cosine_similarity(flat_s, flat_t, dim=1).tolist()
             samples += x0_BLD.shape[0]
     out: dict[str, Any] = {
-        f"fidelity/velocity_rel_mse_sigma_{s}": sums[f"err/{s}"] / max(sums[f"ref/{s}"], 1e-12)
-        for s in VELOCITY_SIGMAS
+        f"fidelity/velocity_rel_mse_sigma_{s}": sums[f"err/{s}"] / max(sums[f"ref/{s}"], 1e-12) for s in VELOCITY_SIGMAS
     }
     out["fidelity/velocity_rel_mse"] = sum(sums[f"err/{s}"] for s in VELOCITY_SIGMAS) / max(
         sum(sums[f"ref/{s}"] for s in VELOCITY_SIGMAS), 1e-12
