@@ -12,14 +12,7 @@ from src.training.dit import DiTModule
 D = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny and dispatch-bound: one thread is faster and, on a shared machine, avoids OpenMP
-    barrier stalls (measured: the skewed-DiT test takes 0.8 s on 1 thread, 57 s on 2 under a load of 4)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recipe_layer(balance: str) -> MoEFeedForward:

@@ -15,15 +15,7 @@ from src.models.dit_presets import MIB, PUBLISHED_ACTIVATED_MIB, dit_config, pre
 from src.models.dit_sampling import SamplerConfig, guided_velocity, sample, to_velocity
 from src.models.moe import MoEConfig, MoEFeedForward, set_top_k
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny and dispatch-bound: one thread is faster and, on a shared machine, avoids OpenMP
-    barrier stalls (measured: the skewed-DiT test takes 0.8 s on 1 thread, 57 s on 2 under a load of 4)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_MOE = {"num_experts": 8, "top_k": 2, "expert_width": 16, "shared_width": 16, "activation": "swiglu"}

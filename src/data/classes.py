@@ -8,13 +8,12 @@ is identical on every machine and resumes where a checkpoint stopped. Validation
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
+from src.data.datamodule import ShapesStream, images_to_tensor
 from src.data.shapes import ShapesWorld, task_compositions
 
 CLASS_METADATA: list[dict] = task_compositions("colors")
@@ -27,12 +26,8 @@ def class_name(label: int) -> str:
     return f"{color} {shape}"
 
 
-class ClassShapesStream(IterableDataset):
+class ClassShapesStream(ShapesStream):
     """Infinite stream of batches {"image": (B, 3, H, W) in [-1, 1], "label": (B,) long, "index": int}."""
-
-    def __init__(self, world: ShapesWorld, batch_size: int, seed: int) -> None:
-        self.world, self.batch_size, self.seed = world, batch_size, seed
-        self.next_batch = 0
 
     def sample(self, seed: int) -> tuple[np.ndarray, int]:
         rng = np.random.Generator(np.random.PCG64(seed))
@@ -41,17 +36,9 @@ class ClassShapesStream(IterableDataset):
         return image, label
 
     def batch(self, index: int) -> dict:
-        base = (self.seed * 1_000_003 + index) * self.batch_size
-        samples = [self.sample(base + j) for j in range(self.batch_size)]
-        image = torch.from_numpy(np.stack([im for im, _ in samples])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+        samples = [self.sample(seed) for seed in self.sample_seeds(index)]
         label = torch.tensor([lab for _, lab in samples], dtype=torch.long)
-        return {"image": image, "label": label, "index": index}
-
-    def __iter__(self) -> Iterator[dict]:
-        while True:
-            index = self.next_batch
-            self.next_batch += 1
-            yield self.batch(index)
+        return {"image": images_to_tensor([im for im, _ in samples]), "label": label, "index": index}
 
 
 class ClassSeeds(Dataset):

@@ -18,6 +18,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from src.data.shapes import TASKS, ShapesWorld
 
 
+def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) renders → float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
 class ShapesStream(IterableDataset):
     """Infinite stream of ready-made batches: {"image": (B, 3, H, W) in [-1, 1], "prompt": [...], "metadata": [...]}."""
 
@@ -28,12 +33,15 @@ class ShapesStream(IterableDataset):
         # so R ranks × batch b see exactly the samples one process with batch R·b sees.
         self.rank, self.ranks = 0, 1
 
-    def batch(self, index: int) -> dict:
+    def sample_seeds(self, index: int) -> range:
+        """The per-sample seeds of batch ``index`` (this rank's slice of the global batch)."""
         base = (self.seed * 1_000_003 + index) * self.batch_size * self.ranks + self.rank * self.batch_size
-        samples = [self.world.train_sample(base + j) for j in range(self.batch_size)]
-        images = np.stack([im for im, _ in samples])
-        image = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        return range(base, base + self.batch_size)
+
+    def batch(self, index: int) -> dict:
+        samples = [self.world.train_sample(seed) for seed in self.sample_seeds(index)]
         metadata = [m for _, m in samples]
+        image = images_to_tensor([im for im, _ in samples])
         return {"image": image, "prompt": [m["prompt"] for m in metadata], "metadata": metadata, "index": index}
 
     def __iter__(self) -> Iterator[dict]:
