@@ -138,6 +138,7 @@ def evaluate(
     seed: int = 0,
     steps: int | None = None,
     cfg_scale: float = 2.0,
+    shift: float | None = None,
     image_size: int = 32,
     transformer: str | None = None,
     height: int = 1024,
@@ -173,6 +174,7 @@ def evaluate(
         seed: Noise seed; image k of prompt i always gets the same noise for every model.
         steps: Sampling steps (default 20 shapes world, 28 FLUX).
         cfg_scale: Classifier-free guidance scale (shapes world).
+        shift: Timestep shift of the sampling schedule (shapes world; default: the model's ``sampling_shift``).
         image_size: Image side in pixels (shapes world).
         transformer: FLUX only: a save_pretrained transformer folder (an exported student) replacing the
             pipeline's own.
@@ -230,7 +232,7 @@ def evaluate(
             model, transformer, dtype, target, height, width, steps or 28, guidance, max_sequence_length, top_k
         )
     else:
-        generator, info, cost = _shapes_generator(model, image_size, steps or 20, cfg_scale, top_k, target)
+        generator, info, cost = _shapes_generator(model, image_size, steps or 20, cfg_scale, shift, top_k, target)
     info["prompt_set"] = prompt_set
     started = time.perf_counter()
     batch = batch_size or (4 if flux else 64)
@@ -279,7 +281,9 @@ def _score(out_dir: Path, detector: str, scorer, clip, reference: str | None, de
     return records, summary
 
 
-def _shapes_generator(model: str, image_size: int, steps: int, cfg_scale: float, top_k: int | None, device):
+def _shapes_generator(
+    model: str, image_size: int, steps: int, cfg_scale: float, shift: float | None, top_k: int | None, device
+):
     from src.models.loading import load_transformer
     from src.models.pipeline import SamplingConfig, ShapesPipeline
 
@@ -289,11 +293,18 @@ def _shapes_generator(model: str, image_size: int, steps: int, cfg_scale: float,
 
         set_top_k(transformer, top_k)
     pipeline = ShapesPipeline(
-        transformer, image_size=image_size, sampling=SamplingConfig(steps=steps, cfg_scale=cfg_scale)
+        transformer, image_size=image_size, sampling=SamplingConfig(steps=steps, cfg_scale=cfg_scale, shift=shift)
     )
     text_len = pipeline.encode_prompts([""])[0].shape[1]
     cost = _cost(transformer, image_tokens=pipeline.tokens_per_side**2, text_len=text_len)
-    info = {"model": str(model), "steps": steps, "cfg_scale": cfg_scale, "top_k": top_k, "image_size": image_size}
+    info = {
+        "model": str(model),
+        "steps": steps,
+        "cfg_scale": cfg_scale,
+        "shift": pipeline.sampling.shift_for(transformer),
+        "top_k": top_k,
+        "image_size": image_size,
+    }
     return pipeline, info, cost
 
 

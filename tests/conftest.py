@@ -68,6 +68,7 @@ def tiny_teacher_args(tmp: Path, steps: int = 2) -> list[str]:
         "--trainer.log_every_n_steps=1",
         f"--trainer.default_root_dir={tmp / 'runs'}",
         f"--model.init_args.transformer={json.dumps(TINY_FLUX)}",
+        "--model.init_args.patch_size=4",
         "--model.init_args.text_encoder.dim=16",
         "--model.init_args.text_encoder.pooled_dim=16",
         "--model.init_args.sampling.steps=2",

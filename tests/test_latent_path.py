@@ -146,9 +146,7 @@ def test_the_exported_latent_student_generates_in_a_flux_pipeline(latent_student
 def test_batches_pad_t5_to_the_longest_prompt_with_zeros(prepared):
     from litdata import StreamingDataset
 
-    data = LatentDataModule(
-        str(prepared[1]), batch_size=3, shuffle=False, teacher_config=tiny_transformer_config()
-    )
+    data = LatentDataModule(str(prepared[1]), batch_size=3, shuffle=False, teacher_config=tiny_transformer_config())
     batch = next(iter(data.train_dataloader()))
     stored = StreamingDataset(str(prepared[1] / "train"), shuffle=False)
     assert batch["latents"].shape == (3, 16, 8, 8) and batch["latents"].dtype == torch.bfloat16
@@ -193,9 +191,7 @@ def _fit(data_path: Path, ckpt_dir: Path, steps: int, resume: Path | None = None
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[
-            ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
-        ],
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)],
     )
     trainer.fit(module, datamodule=LatentDataModule(str(data_path), batch_size=2, seed=1), ckpt_path=resume)
     return module.seen
@@ -205,18 +201,14 @@ def test_a_resumed_fit_continues_mid_epoch_with_the_next_batch(prepared, tmp_pat
     full = _fit(prepared[1], tmp_path / "ckpt", steps=7)  # 3 batches an epoch: crosses two epoch ends
     assert sorted(i for b in full[:3] for i in b) == list(range(6)) and full[:3] != full[3:6]  # reshuffled
     for step in (2, 4):
-        resumed = _fit(
-            prepared[1], tmp_path / f"resumed{step}", 7, resume=tmp_path / "ckpt" / f"step={step}.ckpt"
-        )
+        resumed = _fit(prepared[1], tmp_path / f"resumed{step}", 7, resume=tmp_path / "ckpt" / f"step={step}.ckpt")
         assert resumed == full[step:], step
     other = LatentDataModule(str(prepared[1]), batch_size=2)
     with pytest.raises(UserError, match="other prepared data"):
         other.load_state_dict({"dataset_sha256": "0" * 64})
 
 
-def test_data_that_does_not_fit_the_teacher_is_refused_naming_the_manifest(
-    prepared, tmp_path, capsys, monkeypatch
-):
+def test_data_that_does_not_fit_the_teacher_is_refused_naming_the_manifest(prepared, tmp_path, capsys, monkeypatch):
     with pytest.raises(UserError) as exc:
         LatentDataModule(str(prepared[1]), teacher_config=TINY_FLUX)
     assert str(prepared[1] / "manifest.json") in str(exc.value) and "in_channels=48" in str(exc.value)
@@ -293,9 +285,7 @@ def test_a_teacher_that_cannot_be_loaded_is_one_error_line(case, prepared, tmp_p
         path, expected = pipe, [str(pipe / "model_index.json"), "StableDiffusion3Pipeline"]
     elif case == "wrong_model":
         config = json.loads((pipe / "transformer" / "config.json").read_text())
-        (pipe / "transformer" / "config.json").write_text(
-            json.dumps(config | {"_class_name": "SD3Transformer2DModel"})
-        )
+        (pipe / "transformer" / "config.json").write_text(json.dumps(config | {"_class_name": "SD3Transformer2DModel"}))
         path, expected = pipe, [str(pipe / "transformer" / "config.json"), "SD3Transformer2DModel"]
     else:
         import huggingface_hub.constants
@@ -346,9 +336,7 @@ def test_latent_conditioning_packs_like_flux_pipeline():
     }
     inputs = LatentConditioning(guidance=3.5).inputs(batch)
     assert torch.equal(inputs.x0_BLD, FluxPipeline._pack_latents(latents.float(), 2, 16, 6, 8))
-    assert torch.equal(
-        inputs.img_ids_L3, FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32)
-    )
+    assert torch.equal(inputs.img_ids_L3, FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32))
     assert inputs.txt_ids_T3.shape == (5, 3) and not inputs.txt_ids_T3.any()
 
 

@@ -1,4 +1,5 @@
-"""x-prediction teachers (JiT-style) and the token-aligned shapes world."""
+"""x-prediction teachers (JiT-style), the sampling shift that travels with the weights, the token-aligned and
+cell-layout shapes worlds, and the teacher's learning-rate schedule."""
 
 import numpy as np
 import pytest
@@ -9,11 +10,12 @@ from evaluation.geneval import relative_position
 from evaluation.shapes_detector import evaluate_shapes_image
 from src.data.shapes import ShapesWorld
 from src.models.convert import ConversionConfig, convert_flux_to_moe
-from src.models.flow import image_ids, prediction_type, text_ids, to_velocity
+from src.models.flow import image_ids, prediction_type, sampling_shift, text_ids, to_velocity
 from src.models.loading import load_transformer
 from src.models.pipeline import SamplingConfig, ShapesPipeline
 from src.models.text_encoder import HashTextEncoder, TextEncoderConfig
 from src.training.conditioning import FlowInputs, velocity
+from src.training.teacher import lr_factor
 
 
 def test_sample_prediction_converts_to_the_velocity():
@@ -87,3 +89,52 @@ def test_snapped_world_puts_objects_on_the_grid_and_stays_valid():
 def test_bad_snap_is_refused(snap):
     with pytest.raises(ValueError, match="snap="):
         ShapesWorld(snap=snap)
+
+
+def test_cell_world_puts_one_object_per_cell_and_stays_valid():
+    world = ShapesWorld(snap=8, cells=True)
+    generator = np.random.Generator(np.random.PCG64(7))
+    metadata = world.heldout_metadata({t: 20 for t in world._pools["heldout"]}, seed=3)
+    correct = 0
+    for md in metadata:
+        image, objects = world.render(md, generator)
+        cells = set()
+        for o in objects:
+            x1, y1, x2, y2 = o.box
+            assert (x2 - x1, y2 - y1) == (6, 6) and x1 % 8 == 1 and y1 % 8 == 1, o
+            cells.add((x1 // 8, y1 // 8))
+        assert len(cells) == len(objects)
+        if md["tag"] == "position":
+            reference, subject = objects
+            assert relative_position(list(subject.box), list(reference.box)) == {md["include"][1]["position"][0]}
+        correct += evaluate_shapes_image(image, md)[0]
+    assert correct == len(metadata)
+
+
+@pytest.mark.parametrize("snap", [4, 5, 16])
+def test_bad_cell_size_is_refused(snap):
+    with pytest.raises(ValueError, match="snap="):
+        ShapesWorld(snap=snap, cells=True)
+
+
+def test_sampling_shift_travels_with_the_weights_and_an_explicit_one_wins(tmp_path):
+    dense = dense_model()
+    assert sampling_shift(dense) is None and SamplingConfig().shift_for(dense) == 1.0
+    dense.register_to_config(sampling_shift=3.0)
+    dense.save_pretrained(tmp_path / "teacher")
+    loaded = load_transformer(tmp_path / "teacher")
+    student = convert_flux_to_moe(loaded, ConversionConfig(split="random", router_init="normal"))
+    student.save_pretrained(tmp_path / "student")
+    for model in (loaded, student, load_transformer(tmp_path / "student")):
+        assert SamplingConfig().shift_for(model) == 3.0
+        assert SamplingConfig(shift=1.5).shift_for(model) == 1.5
+    with pytest.raises(ValueError, match="sampling.shift=0"):
+        SamplingConfig(shift=0)
+
+
+def test_cosine_schedule_warms_up_then_anneals_to_a_tenth():
+    assert lr_factor(0, 10, "cosine", 110) == pytest.approx(0.1)
+    assert lr_factor(9, 10, "cosine", 110) == 1.0 and lr_factor(10, 10, "cosine", 110) == 1.0
+    assert lr_factor(60, 10, "cosine", 110) == pytest.approx(0.55)
+    assert lr_factor(110, 10, "cosine", 110) == pytest.approx(0.1) == lr_factor(500, 10, "cosine", 110)
+    assert lr_factor(60, 10, "none", 110) == 1.0

@@ -189,11 +189,7 @@ def test_a_killed_run_resumes_to_the_same_shards_and_a_finished_one_is_a_no_op(
     partial = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     assert not partial["complete"] and len(partial["splits"]["train"]["parts"]) == 1
     monkeypatch.setattr(prepare, "_write_part", real)
-    main(
-        prepare_args(
-            prompt_file, pipe_dir, tmp_path / "killed", "--data.latents", "vae", "--data.batch_size", "3"
-        )
-    )
+    main(prepare_args(prompt_file, pipe_dir, tmp_path / "killed", "--data.latents", "vae", "--data.batch_size", "3"))
     ref = json.loads((tmp_path / "ref" / "manifest.json").read_text())
     resumed = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     assert resumed["complete"] and resumed["dataset_sha256"] == ref["dataset_sha256"]
@@ -214,9 +210,7 @@ def test_a_killed_run_resumes_to_the_same_shards_and_a_finished_one_is_a_no_op(
 
 def digest_tree(folder: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in folder.rglob("*")
-        if p.is_file()
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
     }
 
 
@@ -227,9 +221,7 @@ def test_other_settings_on_an_existing_output_are_refused_untouched(pipe_dir, pr
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main(
-            prepare_args(
-                prompt_file, pipe_dir, out, "--data.latents", "vae", "--data.heldout", "5", "--data.seed", "9"
-            )
+            prepare_args(prompt_file, pipe_dir, out, "--data.latents", "vae", "--data.heldout", "5", "--data.seed", "9")
         )
     assert exc.value.code == 2
     line = one_error_line(capsys.readouterr().err)
@@ -256,18 +248,14 @@ def test_other_settings_on_an_existing_output_are_refused_untouched(pipe_dir, pr
         "bad_value",
     ],
 )
-def test_bad_input_is_one_error_line_naming_the_file(
-    case, pipe_dir, prompt_file, tmp_path, capsys, monkeypatch
-):
+def test_bad_input_is_one_error_line_naming_the_file(case, pipe_dir, prompt_file, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     prompts, pipe, extra, expected = prompt_file, str(pipe_dir), ["--data.latents", "vae"], []
     if case == "no_folder":
         pipe, expected = str(tmp_path / "nowhere"), ["nowhere", "no such folder"]
     elif case == "wrong_model":
         shutil.copytree(pipe_dir, tmp_path / "sd")
-        (tmp_path / "sd" / "model_index.json").write_text(
-            json.dumps({"_class_name": "StableDiffusionPipeline"})
-        )
+        (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
         pipe, expected = (
             str(tmp_path / "sd"),
             [str(tmp_path / "sd" / "model_index.json"), "StableDiffusionPipeline"],

@@ -119,7 +119,10 @@ def test_four_trials_one_fails_the_others_complete(base, workdir, capsys):
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{done.info.run_id}'"
     )
     assert [r.info.run_name for r in experiment_runs] == [f"tiny-t{done.data.tags['sweep.trial']}"]
-    artifacts = {a.path for a in mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(parent.info.run_id, "plots")}
+    artifacts = {
+        a.path
+        for a in mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(parent.info.run_id, "plots")
+    }
     assert {"plots/pareto_front.png", "plots/param_importances_0.png", "plots/optimization_history_0.png"} <= artifacts
     table = (workdir / "sweep" / "best_trials.md").read_text()
     assert "Pareto front" in table and "cannot split" in table and "Pareto front" in out
@@ -228,6 +231,7 @@ def test_a_lightning_cli_base_runs_nested_and_an_unlogged_objective_stops_the_st
                 "trainer.limit_val_batches": 1,
                 "trainer.enable_progress_bar": False,
                 "model.init_args.transformer": tiny,
+                "model.init_args.patch_size": 4,
                 "model.init_args.text_encoder.dim": 16,
                 "model.init_args.text_encoder.pooled_dim": 16,
                 "model.init_args.sampling.steps": 2,

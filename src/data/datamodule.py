@@ -84,6 +84,7 @@ class ShapesDataModule(L.LightningDataModule):
         val_batch_size: int = 128,
         val_seed: int = 1234,
         snap: int = 1,
+        cells: bool = False,
     ) -> None:
         """
         Args:
@@ -96,12 +97,13 @@ class ShapesDataModule(L.LightningDataModule):
             val_batch_size: Images generated per validation batch.
             val_seed: Seed of the held-out prompt draw and of the validation noise.
             snap: Object boxes lie on a grid of this many pixels (1 = free placement; see ``ShapesWorld.snap``).
+            cells: One object per ``snap``-pixel cell (see ``ShapesWorld.cells``).
         """
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1 or val_batch_size < 1:
             raise ValueError(f"batch_size={batch_size}, val_batch_size={val_batch_size}: must be >= 1")
-        self.world = ShapesWorld(size=image_size, heldout_fraction=heldout_fraction, snap=snap)
+        self.world = ShapesWorld(size=image_size, heldout_fraction=heldout_fraction, snap=snap, cells=cells)
         self.train_stream = ShapesStream(self.world, batch_size, seed)
         self._consumed = -1
 

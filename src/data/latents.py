@@ -53,15 +53,11 @@ def load_manifest(path: str, cache_dir: str | None = None) -> dict[str, Any]:
         try:
             get_downloader(path, str(local.parent), []).download_file(where, str(local))
         except Exception as exc:  # noqa: BLE001 - each object store raises its own types
-            raise UserError(
-                f"data {where}: cannot be fetched ({str(exc).strip().splitlines()[0][:160]})"
-            ) from None
+            raise UserError(f"data {where}: cannot be fetched ({str(exc).strip().splitlines()[0][:160]})") from None
     else:
         local = Path(where)
         if not local.is_file():
-            raise UserError(
-                f"data {where}: no such file (run prepare-data, or point data.path at its output_dir)"
-            )
+            raise UserError(f"data {where}: no such file (run prepare-data, or point data.path at its output_dir)")
     try:
         manifest = json.loads(local.read_text())
     except json.JSONDecodeError as exc:
@@ -105,9 +101,7 @@ def verify_shards(path: str, manifest: dict, split: str, verify: str) -> None:
                 raise UserError(f"shard {file}: missing (listed in {Path(path) / MANIFEST})")
             size = file.stat().st_size
             if size != chunk["chunk_bytes"]:
-                raise UserError(
-                    f"shard {file}: {size} bytes, the manifest says {chunk['chunk_bytes']} (truncated?)"
-                )
+                raise UserError(f"shard {file}: {size} bytes, the manifest says {chunk['chunk_bytes']} (truncated?)")
             if verify == "hash" and file_sha256(file) != chunk["sha256"]:
                 raise UserError(f"shard {file}: sha256 differs from the manifest's (the file is corrupted)")
 
@@ -168,9 +162,7 @@ class LatentDataModule(L.LightningDataModule):
         if verify not in VERIFY:
             raise ValueError(f"verify={verify!r}; allowed {list(VERIFY)}")
         if batch_size < 1 or num_workers < 0:
-            raise ValueError(
-                f"batch_size={batch_size}, num_workers={num_workers}: need batch_size >= 1, workers >= 0"
-            )
+            raise ValueError(f"batch_size={batch_size}, num_workers={num_workers}: need batch_size >= 1, workers >= 0")
         self.path, self.split, self.batch_size, self.seed = path, split, batch_size, seed
         self.shuffle, self.drop_last, self.num_workers, self.cache_dir = (
             shuffle,
@@ -184,9 +176,7 @@ class LatentDataModule(L.LightningDataModule):
             check_manifest(self.manifest, teacher_config, where)
         self.samples = self.manifest["splits"][split]["samples"]
         if self.samples < (batch_size if drop_last else 1):
-            raise UserError(
-                f"data {where}: {self.samples} {split} samples, fewer than batch_size={batch_size}"
-            )
+            raise UserError(f"data {where}: {self.samples} {split} samples, fewer than batch_size={batch_size}")
         verify_shards(path, self.manifest, split, verify)
         self.collate = functools.partial(
             collate_latents,

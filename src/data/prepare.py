@@ -100,9 +100,7 @@ class PrepareConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if not 1 <= self.max_sequence_length <= 512:
-            raise ValueError(
-                f"max_sequence_length={self.max_sequence_length}: allowed 1 … 512 (FluxPipeline's limit)"
-            )
+            raise ValueError(f"max_sequence_length={self.max_sequence_length}: allowed 1 … 512 (FluxPipeline's limit)")
         if self.heldout < 0:
             raise ValueError(f"heldout={self.heldout}: must be >= 0")
         if self.limit is not None and self.limit < 1:
@@ -122,9 +120,7 @@ def read_prompts(path: str | Path) -> list[dict[str, str | None]]:
         raise UserError(f"prompts {path}: no such file")
     suffix = file.suffix.lower()
     if suffix == ".txt":
-        rows = [
-            {"prompt": line.strip(), "image": None} for line in file.read_text().splitlines() if line.strip()
-        ]
+        rows = [{"prompt": line.strip(), "image": None} for line in file.read_text().splitlines() if line.strip()]
     elif suffix == ".jsonl":
         rows = []
         for n, line in enumerate(file.read_text().splitlines(), 1):
@@ -200,9 +196,7 @@ def load_pipeline(cfg: PrepareConfig):
     local = Path(source).expanduser()
     if local.exists() or not is_hub_id(source):
         if not local.is_dir():
-            raise UserError(
-                f"pipeline {source}: no such folder (expected a diffusers FluxPipeline folder or hub id)"
-            )
+            raise UserError(f"pipeline {source}: no such folder (expected a diffusers FluxPipeline folder or hub id)")
         index = local / "model_index.json"
         if not index.is_file():
             raise UserError(f"pipeline {index}: missing; {source} is not a diffusers pipeline folder")
@@ -246,9 +240,7 @@ class SampleMaker:
     def __init__(self, pipe, cfg: PrepareConfig, image_root: Path) -> None:
         multiple = 2 * pipe.vae_scale_factor  # VAE downsampling, then 2×2 packing
         if cfg.resolution % multiple:
-            raise UserError(
-                f"resolution={cfg.resolution}: must be a multiple of {multiple} for this pipeline"
-            )
+            raise UserError(f"resolution={cfg.resolution}: must be a multiple of {multiple} for this pipeline")
         self.pipe, self.cfg, self.image_root = pipe, cfg, image_root
         self.device = resolve_device(cfg.device)
         side = cfg.resolution // pipe.vae_scale_factor
@@ -362,19 +354,14 @@ def _plan(records: list[dict], cfg: PrepareConfig) -> dict[str, list[list[int]]]
     n = len(records)
     first_heldout = n - cfg.heldout
     if first_heldout < 1:
-        raise UserError(
-            f"heldout={cfg.heldout}: the prompt file has only {n} prompts; none would be left to train on"
-        )
+        raise UserError(f"heldout={cfg.heldout}: the prompt file has only {n} prompts; none would be left to train on")
     ranges = {"train": range(0, first_heldout), "heldout": range(first_heldout, n)}
     return {
-        split: [list(r[i : i + cfg.part_size]) for i in range(0, len(r), cfg.part_size)]
-        for split, r in ranges.items()
+        split: [list(r[i : i + cfg.part_size]) for i in range(0, len(r), cfg.part_size)] for split, r in ranges.items()
     }
 
 
-def _write_part(
-    split_dir: Path, part: int, indices: list[int], records, maker: SampleMaker, cfg, bar
-) -> dict:
+def _write_part(split_dir: Path, part: int, indices: list[int], records, maker: SampleMaker, cfg, bar) -> dict:
     """Encode one part into chunk files in ``split_dir``; returns its manifest entry and litdata config."""
     from litdata.streaming.writer import BinaryWriter
 
@@ -485,9 +472,7 @@ def prepare_data(data: PrepareConfig, progress: bool = True) -> dict[str, Any]:
             "t5_padding": cfg.t5_padding,
             "latents_from": cfg.latents,
             "storage": "bfloat16 tensors stored as int16 views",
-            "splits": {
-                s: {"samples": sum(map(len, plan[s])), "parts": [], "litdata_config": None} for s in SPLITS
-            },
+            "splits": {s: {"samples": sum(map(len, plan[s])), "parts": [], "litdata_config": None} for s in SPLITS},
             "complete": False,
         }
         for split in SPLITS:

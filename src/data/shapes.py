@@ -67,6 +67,7 @@ SPLITS = ("train", "heldout")
 _FEW_OBJECTS_SIDE = (0.28, 0.44)
 _MANY_OBJECTS_SIDE = (0.22, 0.31)
 _MIN_SIDE_PX = 4
+_CELL_MIN_SIDE_PX = 6  # smallest object the detector tells apart reliably in the cell layout
 _BORDER_PX = 1
 _GAP_PX = 1
 # Position task: the perpendicular offset of the centres is at most this fraction of the offset along the
@@ -262,11 +263,12 @@ def _snapped_sides(low: int, high: int, snap: int) -> list[int]:
 
 
 def _place_random(
-    sides: list[int], size: int, rng: np.random.Generator, snap: int = 1
+    sides: list[int], size: int, rng: np.random.Generator, snap: int = 1, gap: int | None = None, offset: int = 0
 ) -> list[tuple[int, int, int, int]] | None:
     """Sequentially place squares of the given sides uniformly among free spots; None if one does not fit.
 
-    With ``snap`` > 1 corners lie on the snap grid and objects keep a gap of one grid cell.
+    With ``snap`` > 1 corners lie on the snap grid (shifted by ``offset``) and objects keep a gap of ``gap`` pixels
+    (default one grid cell).
     """
     blocked = np.zeros((size, size), dtype=np.int32)
     boxes = []
@@ -277,12 +279,12 @@ def _place_random(
         border = _BORDER_PX if snap == 1 else 0
         lo, hi = border, size - border - side
         free = np.argwhere(window[lo : hi + 1, lo : hi + 1] == 0) + lo
-        free = free[(free % snap == 0).all(1)]
+        free = free[((free - offset) % snap == 0).all(1)]
         if len(free) == 0:
             return None
         y, x = free[rng.integers(len(free))]
         boxes.append((int(x), int(y), int(x) + side, int(y) + side))
-        g = _GAP_PX if snap == 1 else snap
+        g = gap if gap is not None else (_GAP_PX if snap == 1 else snap)
         blocked[max(0, y - g) : y + side + g, max(0, x - g) : x + side + g] = 1
     return boxes
 
@@ -320,13 +322,22 @@ def _place_relation(
 
 
 def _place_relation_snapped(
-    side_a: int, side_b: int, relation: str, size: int, snap: int, rng: np.random.Generator
+    side_a: int,
+    side_b: int,
+    relation: str,
+    size: int,
+    snap: int,
+    rng: np.random.Generator,
+    gap: int | None = None,
+    offset: int = 0,
 ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-    """`_place_relation` on the snap grid: every valid pair of grid corners, one drawn uniformly."""
+    """`_place_relation` on the snap grid (shifted by `offset`): every valid pair of grid corners at least `gap`
+    pixels apart along the relation's axis (default one grid cell), one drawn uniformly."""
     if relation not in RELATIONS:
         raise ValueError(f"position relation={relation!r}: must be one of {RELATIONS}")
-    corners_a = range(0, size - side_a + 1, snap)
-    corners_b = range(0, size - side_b + 1, snap)
+    gap = snap if gap is None else gap
+    corners_a = range(offset, size - side_a + 1, snap)
+    corners_b = range(offset, size - side_b + 1, snap)
     axis = 0 if relation in ("left of", "right of") else 1  # coordinate index along the relation's axis
     sign = -1 if relation in ("left of", "above") else 1  # A's centre minus B's centre along the axis
     pairs = []
@@ -335,7 +346,7 @@ def _place_relation_snapped(
         along = sign * ((a[axis] + side_a / 2) - (b[axis] + side_b / 2))
         across = abs((a[1 - axis] + side_a / 2) - (b[1 - axis] + side_b / 2))
         first_end, second_start = (a[axis] + side_a, b[axis]) if sign < 0 else (b[axis] + side_b, a[axis])
-        if along > 0 and second_start - first_end >= snap and across <= _MAX_PERPENDICULAR * along:
+        if along > 0 and second_start - first_end >= gap and across <= _MAX_PERPENDICULAR * along:
             pairs.append((a, b))
     assert pairs, "snapped object sides leave no valid position layout"
     (ax, ay), (bx, by) = pairs[int(rng.integers(len(pairs)))]
@@ -356,16 +367,31 @@ class ShapesWorld:
     task_weights: dict[str, float] | None = None
     """Training sampling weight per task (tasks not named get 0); None samples the six tasks uniformly."""
     snap: int = 1
-    """Object boxes (corners and sides) lie on a grid of this many pixels; 1 = free placement. The embedded
-    default snaps to the teacher's 4-pixel token grid, so every object covers whole tokens."""
+    """Object boxes (corners and sides) lie on a grid of this many pixels; 1 = free placement. ``snap: 4`` puts
+    every object on the 4-pixel token grid of a teacher with 4×4 patches."""
+    cells: bool = False
+    """Cell layout: the image is a grid of ``snap``-pixel cells and each object sits centred in its own cell with
+    side ``snap`` − 2 (so neighbours keep a 2-pixel gap). With ``snap: 8`` on 32 px that is a 4×4 board of 6-pixel
+    objects, one object per 8×8 token of a teacher with 8×8 patches: the embedded default."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 16:
             raise ValueError(f"shapes world size={self.size!r}: must be an integer >= 16")
-        if not isinstance(self.snap, int) or self.snap < 1 or self.size % self.snap or self.size // self.snap < 6:
+        min_cells = 3 if self.cells else 6
+        if (
+            not isinstance(self.snap, int)
+            or self.snap < 1
+            or self.size % self.snap
+            or self.size // self.snap < min_cells
+        ):
             raise ValueError(
                 f"shapes world snap={self.snap!r}: must be a positive integer dividing size={self.size} "
-                "into at least 6 cells"
+                f"into at least {min_cells} cells"
+            )
+        if self.cells and self.snap - 2 < _CELL_MIN_SIDE_PX:
+            raise ValueError(
+                f"shapes world cells with snap={self.snap}: objects would be {self.snap - 2} px; "
+                f"cells need snap >= {_CELL_MIN_SIDE_PX + 2}"
             )
         if not 0.0 <= self.heldout_fraction <= 0.5:
             raise ValueError(f"shapes world heldout_fraction={self.heldout_fraction!r}: must be in [0, 0.5]")
@@ -428,7 +454,9 @@ class ShapesWorld:
         if not 1 <= len(specs) <= 4:
             raise ValueError(f"metadata asks for {len(specs)} objects: the shapes world renders 1 to 4")
         low, high = _side_range(self.size, len(specs))
-        choices = _snapped_sides(low, high, self.snap)
+        choices = [self.snap - 2] if self.cells else _snapped_sides(low, high, self.snap)
+        # Cell layout: corners 1 px into each cell, 2 px apart at least; otherwise the snap grid's own gaps.
+        grid = {"gap": 2, "offset": 1} if self.cells else {}
         if any("position" in clause for clause in groups):
             if len(groups) != 2 or len(specs) != 2 or groups[1].get("position", [None, None])[1] != 0:
                 raise ValueError("position metadata must be [reference, subject with position [relation, 0]]")
@@ -438,7 +466,7 @@ class ShapesWorld:
                 box_a, box_b = _place_relation(side_a, side_b, relation, self.size, rng)
             else:
                 side_b, side_a = (choices[int(i)] for i in rng.integers(len(choices), size=2))
-                box_a, box_b = _place_relation_snapped(side_a, side_b, relation, self.size, self.snap, rng)
+                box_a, box_b = _place_relation_snapped(side_a, side_b, relation, self.size, self.snap, rng, **grid)
             boxes = [box_b, box_a]
         else:
             boxes = None
@@ -447,7 +475,7 @@ class ShapesWorld:
                     sides = [int(s) for s in rng.integers(low, high + 1, size=len(specs))]
                 else:
                     sides = [choices[int(i)] for i in rng.integers(len(choices), size=len(specs))]
-                boxes = _place_random(sides, self.size, rng, self.snap)
+                boxes = _place_random(sides, self.size, rng, self.snap, **grid)
         objects = [ShapeObject(shape, color, box) for (shape, color), box in zip(specs, boxes, strict=True)]
         return render_scene(objects, self.size), objects
 

@@ -33,6 +33,19 @@ def prediction_type(model: torch.nn.Module) -> str:
     return kind
 
 
+def sampling_shift(model: torch.nn.Module) -> float | None:
+    """The timestep shift the model was trained to be sampled with (config key ``sampling_shift``), or None.
+
+    Diffusers keeps this in a pipeline's scheduler config; a bare transformer folder carries it in its own config so
+    the shapes sampler, the distillation evaluation and ``evaluate`` use the schedule the teacher was trained for.
+    """
+    config = getattr(model, "config", None)
+    shift = config.get("sampling_shift") if config is not None else None
+    if shift is not None and (not isinstance(shift, (int, float)) or shift <= 0):
+        raise ValueError(f"model config sampling_shift={shift!r}: must be a positive number")
+    return None if shift is None else float(shift)
+
+
 def to_velocity(out_BLD: torch.Tensor, x_BLD: torch.Tensor, sigma_B: torch.Tensor, kind: str) -> torch.Tensor:
     """The velocity ε − x_0 implied by a model output of prediction type `kind` at noisy input x_t, level σ."""
     if kind == "velocity":

@@ -1,7 +1,7 @@
 """Text-to-image sampling for a FLUX-architecture transformer in the shapes world (pixel tokens, hash text encoder).
 
 The counterpart of ``diffusers.FluxPipeline`` for the embedded world: same transformer call, same rectified-flow
-Euler sampler, with the project's frozen text encoder instead of T5 + CLIP and 4×4 pixel patches instead of VAE
+Euler sampler, with the project's frozen text encoder instead of T5 + CLIP and pixel patches (4×4 or 8×8) instead of VAE
 latents. Noise is fixed per sample by a seed, so teacher and student images of the same (prompt, seed) are
 comparable. Legend: B batch, L image tokens, D packed token width, T text tokens.
 """
@@ -21,6 +21,7 @@ from src.models.flow import (
     image_ids,
     pack,
     prediction_type,
+    sampling_shift,
     text_ids,
     to_uint8,
     to_velocity,
@@ -35,8 +36,8 @@ class SamplingConfig:
     """Euler steps from σ = 1 to 0."""
     cfg_scale: float = 4.0
     """Classifier-free guidance scale (1 = no guidance, conditional branch only)."""
-    shift: float = 1.0
-    """FLUX timestep shift of the sampling schedule."""
+    shift: float | None = None
+    """FLUX timestep shift of the sampling schedule; None = the model's config ``sampling_shift`` (else 1)."""
     guidance: float = 3.5
     """Value fed to a guidance-distilled transformer's guidance embedding (ignored without ``guidance_embeds``)."""
 
@@ -45,6 +46,12 @@ class SamplingConfig:
             raise ValueError(f"sampling.steps={self.steps}: must be >= 1")
         if self.cfg_scale < 0:
             raise ValueError(f"sampling.cfg_scale={self.cfg_scale}: must be >= 0")
+        if self.shift is not None and self.shift <= 0:
+            raise ValueError(f"sampling.shift={self.shift}: must be > 0")
+
+    def shift_for(self, model: nn.Module) -> float:
+        """The shift to sample `model` with: the explicit one, else the model's own, else 1."""
+        return self.shift if self.shift is not None else (sampling_shift(model) or 1.0)
 
 
 class ShapesPipeline:
@@ -125,6 +132,7 @@ class ShapesPipeline:
             tokens, pooled = cond if conditional else uncond
             return self.velocity(x_BLD, sigma_B, tokens, pooled, transformer)
 
-        x_BLD = euler_sample(velocity, noise_BLD, s.steps, s.cfg_scale, s.shift)
+        shift = s.shift_for(transformer or self.transformer)
+        x_BLD = euler_sample(velocity, noise_BLD, s.steps, s.cfg_scale, shift)
         images = unpack(x_BLD.float(), self.patch_size, self.image_size, self.image_size)
         return to_uint8(images).numpy()

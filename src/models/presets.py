@@ -36,8 +36,16 @@ TINY_CONFIG: dict[str, Any] = {
 }
 """Tiny FLUX for the shapes world (DESIGN.md §5): hidden 64, 2 double + 4 single blocks, 4×4×3 RGB patches."""
 
-TEACHER_TINY_CONFIG: dict[str, Any] = {**TINY_CONFIG, "num_layers": 4, "num_single_layers": 8}
-"""The committed shapes-world teacher (experiments/teacher_tiny.yaml): hidden 64, 4 double + 8 single blocks."""
+TEACHER_TINY_CONFIG: dict[str, Any] = {
+    **TINY_CONFIG,
+    "in_channels": 192,
+    "num_layers": 4,
+    "num_single_layers": 8,
+    "attention_head_dim": 32,
+    "axes_dims_rope": (8, 12, 12),
+}
+"""The committed shapes-world teacher (experiments/teacher_tiny.yaml): hidden 128, 4 double + 8 single blocks,
+8×8×3 RGB patches (one token per cell of the cell-layout world)."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "flux-dev": FLUX_DEV_CONFIG,

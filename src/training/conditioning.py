@@ -1,7 +1,7 @@
 """What the distillation stages feed the transformer, for either kind of training data.
 
 A conditioning adapter turns one batch of the datamodule into ``FlowInputs``: the clean image tokens x0 and the
-text conditioning with their RoPE position ids. ``ShapesConditioning`` renders the embedded shapes world (4×4 pixel
+text conditioning with their RoPE position ids. ``ShapesConditioning`` renders the embedded shapes world (pixel
 patches, hash text encoder); ``LatentConditioning`` reads the FLUX latents and T5/CLIP embeddings that
 ``prepare-data`` stored, packing the latents 2×2 as ``FluxPipeline._pack_latents`` does. ``velocity`` is the one
 transformer call both use, teacher and student alike.

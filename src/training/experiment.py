@@ -114,6 +114,8 @@ class EvalSpec:
     """Euler sampling steps."""
     cfg_scale: float = 2.0
     """Classifier-free guidance scale."""
+    shift: float | None = None
+    """Timestep shift of the sampling schedule (None: the teacher's config ``sampling_shift``, else 1)."""
     batch_size: int = 128
     """Images per generation batch."""
     latency_batch: int = 16
@@ -132,8 +134,11 @@ class DataSpec:
     """Image side in pixels (latents: the side ``params`` counts FLOPs at; the data's own is in its manifest)."""
     seed: int = 0
     """Training stream seed (each stage offsets it)."""
-    snap: int = 1
-    """shapes: object boxes on a grid of this many pixels (match the teacher's training data; 1 = free)."""
+    snap: int = 8
+    """shapes: object boxes on a grid of this many pixels (match the teacher's training data; 1 = free). The
+    default is the committed teacher's world: a 4×4 board of 8-pixel cells."""
+    cells: bool = True
+    """shapes: one object per ``snap``-pixel cell (match the teacher's training data)."""
     path: str | None = None
     """latents: prepare-data output folder or object-store URL (s3://, gs://, …)."""
     num_workers: int = 0

@@ -111,6 +111,7 @@ def _stream_data(exp: Experiment, batch_size: int, offset: int, teacher=None, ve
         seed=exp.data.seed + offset,
         val_prompts_per_task=4,
         snap=exp.data.snap,
+        cells=exp.data.cells,
     )
 
 
@@ -319,7 +320,10 @@ def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
         except ValueError as err:
             raise UserError(f"student.mob: {err}") from None
     sampling = SamplingConfig(
-        steps=exp.evaluation.steps, cfg_scale=exp.evaluation.cfg_scale, guidance=exp.teacher.guidance
+        steps=exp.evaluation.steps,
+        cfg_scale=exp.evaluation.cfg_scale,
+        shift=exp.evaluation.shift,
+        guidance=exp.teacher.guidance,
     )
     if exp.data.kind == "latents":
         # refuse data that does not fit the teacher, damaged shards or too few samples before any stage runs

@@ -6,6 +6,7 @@ noise → x_t = (1 − σ)·x_0 + σ·ε → velocity prediction → MSE to ε �
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,19 @@ def check_writable_dir(path: str, what: str) -> None:
         raise UserError(f"{what} {path}: not writable (nearest existing folder {probe})")
 
 
+LR_DECAYS = ("none", "cosine")
+
+
+def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then constant or cosine down to 0.1 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "none" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 class TeacherModule(FlowModule):
     """Rectified-flow training of a dense FLUX-architecture transformer (the teacher)."""
 
@@ -51,6 +65,7 @@ class TeacherModule(FlowModule):
         init_from: str | None = None,
         export_dir: str | None = None,
         prediction_type: str = "velocity",
+        lr_decay: str = "none",
     ) -> None:
         """
         Args:
@@ -71,6 +86,8 @@ class TeacherModule(FlowModule):
             prediction_type: What the transformer outputs: "velocity" (ε − x_0, as FLUX) or "sample" (x̂_0, JiT's
                 x-prediction, trained with the same velocity loss). Stored in the exported config, so sampling and
                 distillation convert the output to a velocity.
+            lr_decay: After warm-up, "none" keeps the peak rate; "cosine" anneals it to a tenth of the peak at
+                the trainer's ``max_steps``.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -78,6 +95,8 @@ class TeacherModule(FlowModule):
             raise ValueError(f"timestep_sampling={timestep_sampling!r}: allowed {TIMESTEP_SAMPLINGS}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type={prediction_type!r}: allowed {PREDICTION_TYPES}")
+        if lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay={lr_decay!r}: allowed {LR_DECAYS}")
         if not 0 <= text_dropout < 1:
             raise ValueError(f"text_dropout={text_dropout}: must be in [0, 1)")
         expected_in = 3 * patch_size**2
@@ -102,6 +121,8 @@ class TeacherModule(FlowModule):
         )
         if prediction_type != "velocity" or "prediction_type" in self.transformer.config:
             self.transformer.register_to_config(prediction_type=prediction_type)
+        if sampling is not None and sampling.shift is not None:  # travels with the weights, like prediction_type
+            self.transformer.register_to_config(sampling_shift=sampling.shift)
         self.pipeline = ShapesPipeline(self.transformer, self.text_encoder, image_size, patch_size, sampling)
 
     def sampling_model(self) -> torch.nn.Module:
@@ -127,7 +148,10 @@ class TeacherModule(FlowModule):
         hp = self.hparams
         opt = torch.optim.AdamW(self.transformer.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         warmup = max(1, hp.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else 0
+        if hp.lr_decay != "none" and total <= 0:
+            raise UserError(f"lr_decay={hp.lr_decay!r} needs trainer.max_steps > 0 (the step it anneals to)")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, hp.lr_decay, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_end(self) -> None:
