@@ -48,8 +48,12 @@ def test_elongated_boxes_lose_confidence():
     assert found["score"] < 0.3
 
 
-def test_noisy_renders_are_still_judged_correct():
-    world = ShapesWorld()
+LAYOUTS = {"free": {}, "cells": {"snap": 8, "cells": True}}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_noisy_renders_are_still_judged_correct(layout):
+    world = ShapesWorld(**LAYOUTS[layout])
     noise = np.random.default_rng(0)
     correct = []
     for i, md in enumerate(world.heldout_metadata(seed=3)[::3]):
@@ -59,9 +63,11 @@ def test_noisy_renders_are_still_judged_correct():
     assert np.mean(correct) >= 0.95
 
 
-def test_ground_truth_renders_score_near_perfect_geneval():
-    """Evaluator validity: the detector + GenEval's rules accept the renderer's own images."""
-    world = ShapesWorld()
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_ground_truth_renders_score_near_perfect_geneval(layout):
+    """Evaluator validity: the detector + GenEval's rules accept the renderer's own images (free placement and the
+    committed teacher's cell layout)."""
+    world = ShapesWorld(**LAYOUTS[layout])
     generator = rng(1)
     metadata = world.heldout_metadata(seed=0) + [world.sample_metadata(generator) for _ in range(553)]
     records = []

@@ -106,9 +106,9 @@ class TaylorSpec:
 class EvalSpec:
     """The evaluation at the end of every fit (teacher and student, same prompts, same noise)."""
 
-    prompts_per_task: int = 16
+    prompts_per_task: int = 32
     """Held-out prompts per GenEval task."""
-    images_per_prompt: int = 2
+    images_per_prompt: int = 4
     """Images per prompt."""
     steps: int = 20
     """Euler sampling steps."""
