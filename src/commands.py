@@ -44,8 +44,11 @@ def _teacher_config(teacher) -> dict[str, Any]:
 
     folder = Path(teacher.path) / (teacher.subfolder or "")
     if (folder / "config.json").is_file():
+        from src.models.loading import PROJECT_CONFIG_KEYS
+
         raw = jsonlib.loads((folder / "config.json").read_text())
-        return {k: v for k, v in raw.items() if not k.startswith("_")}
+        # the structure only: keys this project adds (prediction_type, sampling_shift) are not constructor kwargs
+        return {k: v for k, v in raw.items() if not k.startswith("_") and k not in PROJECT_CONFIG_KEYS}
     if teacher.preset:
         return flux_config(teacher.preset)
     raise UserError(f"teacher {teacher.path}: no local config.json and no teacher.preset to count parameters from")
