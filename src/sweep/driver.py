@@ -341,6 +341,9 @@ class Driver:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        # A sweep started in the background of a non-interactive shell inherits SIGINT ignored; Ctrl-C / kill -INT
+        # must still stop it, so the handler is installed explicitly.
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         with local_lock(self.out):
             self.recover_stale()
         # Waiting on events, not Thread.join: a join interrupted by Ctrl-C can leave is_alive() wrongly False
@@ -366,6 +369,7 @@ class Driver:
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
         if self.errors:
             raise self.errors[0]
 

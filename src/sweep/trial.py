@@ -64,6 +64,12 @@ def child_env(threads: int | None) -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    """In the trial's child before exec: SIGINT back to its default, so the graceful stop reaches a trial even when
+    the sweep itself was started with SIGINT ignored (a background job of a non-interactive shell)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_process_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
     """SIGINT to the trial's process group (graceful), SIGKILL if it is still there after ``grace`` seconds."""
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10.0)):
@@ -93,7 +99,9 @@ def run_fit(
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_default_sigint
+        )
     on_start(proc.pid)
     while True:
         try:
