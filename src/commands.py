@@ -58,35 +58,20 @@ def build_on_meta(args: dict[str, Any]) -> tuple[torch.nn.Module, torch.nn.Modul
     """Teacher and student of an experiment on the meta device: their structure, no weights, no memory."""
     from diffusers import FluxTransformer2DModel
 
-    from src.models.convert import convert_flux_to_moe
-    from src.models.flux_moe import FluxMoETransformer2DModel, dense_ffns, init_config
-    from src.models.prune import blocks_to_remove, depth_prune, width_prune
+    from src.models.flux_moe import dense_ffns
+    from src.models.student import StudentRecipe, build_student
 
     spec = args["student"]
     with torch.device("meta"):
         teacher = FluxTransformer2DModel(**_teacher_config(args["teacher"]))
-    model = teacher
-    if spec is not None and spec.prune is not None:
-        prune = spec.prune
-        if prune.kind == "width":
-            # structure only: which neurons survive does not change the counts
-            scores = {name: torch.arange(ffn.up.out_features, 0, -1.0) for name, ffn in dense_ffns(teacher).items()}
-            model = width_prune(teacher, scores, width=max(1, round(prune.ffn_fraction * 4 * teacher.inner_dim)))
-        else:
-            nd, ns = len(teacher.transformer_blocks), len(teacher.single_transformer_blocks)
-            model = depth_prune(
-                teacher,
-                blocks_to_remove(nd, prune.keep_double or nd),
-                blocks_to_remove(ns, prune.keep_single or ns),
-            )
-    if spec is not None and spec.conversion is not None:
-        conv = dataclasses.replace(spec.conversion, split="contiguous", assignment="contiguous", router_init="zeros")
-        model = convert_flux_to_moe(model, conv)
-    if spec is not None and spec.mob is not None:
-        config = init_config(model) | {"mob": spec.mob.to_dict()}
-        with torch.device("meta"):
-            model = FluxMoETransformer2DModel(**config)
-    return teacher, model
+    if spec is None:
+        return teacher, teacher
+    conv = spec.conversion
+    if conv is not None:  # structure only: which neurons go where does not change the counts
+        conv = dataclasses.replace(conv, split="contiguous", assignment="contiguous", router_init="zeros")
+    scores = {name: torch.arange(ffn.up.out_features, 0, -1.0) for name, ffn in dense_ffns(teacher).items()}
+    recipe = StudentRecipe(conversion=conv, prune=spec.prune, mob=spec.mob)
+    return teacher, build_student(teacher, recipe, scores=scores)
 
 
 def params(

@@ -31,12 +31,12 @@ EXAMPLE = ROOT / "experiments" / "flux_dev_moe_l_fsdp.yaml"
 
 def moe_mob_student() -> torch.nn.Module:
     """Tiny MoE student (1S12E2A everywhere) with MoB groups over its single-stream blocks."""
-    from src.training.runner import add_mob
+    from src.models.student import with_mob
 
     conversion = ConversionConfig(split="random", assignment="random", router_init="normal")
     student = convert_flux_to_moe(dense_model(seed=1), conversion)
     torch.manual_seed(3)  # MoB router seed under which the 4 test samples split over both blocks
-    return add_mob(
+    return with_mob(
         student, MoBConfig(stream="single", group_size=2, active=1, router_init="normal", router_init_std=1.0)
     )
 

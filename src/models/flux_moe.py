@@ -150,6 +150,14 @@ class FluxMoETransformer2DModel(FluxTransformer2DModel):
             moe, moe_locations, ffn_widths, kept_double, kept_single, num_layers, num_single_layers
         )
         dim = self.inner_dim
+        # diffusers' own dense FFN width (FLUX: mlp_ratio 4), read off the blocks it built before any narrowing
+        dense_width = (
+            self.transformer_blocks[0].ff.net[0].proj.out_features
+            if num_layers
+            else self.single_transformer_blocks[0].proj_mlp.out_features
+            if num_single_layers
+            else 4 * dim
+        )
         for loc, width in (ffn_widths or {}).items():
             for block in getattr(self, STREAMS[loc]):
                 if loc == "single":
@@ -159,7 +167,7 @@ class FluxMoETransformer2DModel(FluxTransformer2DModel):
                         block, loc, FeedForward(dim, dim_out=dim, inner_dim=width, activation_fn="gelu-approximate")
                     )
         if locations:
-            moe_cfg = _resolve_moe(moe, ffn_width=4 * dim)
+            moe_cfg = _resolve_moe(moe, ffn_width=dense_width)
             for block in self.transformer_blocks:
                 for loc in ("ff", "ff_context"):
                     if loc in locations:

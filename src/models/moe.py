@@ -8,9 +8,15 @@ scale of 2.0-2.5 and DeepSeek-V3's aux-loss-free balancing bias.
 Dispatch is the sorted grouped-GEMM pattern (research/moe-performance.md §3.5): the T·K (token, expert)
 pairs are stably sorted by expert, token rows gathered with ``index_select`` (``x[idx]`` has a ~5x slower
 backward on CPU), one grouped matmul per projection, the gate multiplied on the narrow hidden (exact, since
-the down projection is linear without bias) and ``index_add_`` back into the output. Shapes are static
-(N = T·K rows), counts come from a scatter-add and nothing reads a tensor value on the host: no GPU sync, no
-graph break, except in the split-loop fallback (``grouped_mm`` unavailable or widths misaligned).
+the down projection is linear without bias), then the combine: the N rows are put back in (token, choice) order
+with a permutation gather and each token's K outputs are summed in fp32 in that fixed order, so the result is
+deterministic on every device (``index_add_`` would use atomics on CUDA). Shapes are static (N = T·K rows), counts
+come from a scatter-add and nothing reads a tensor value on the host: no GPU sync, no graph break, except in the
+split-loop fallback (``grouped_mm`` unavailable or widths misaligned).
+
+Precision: the router computes its logits in fp32 from the input in its own dtype; only the (T, E) logits are
+kept, never an fp32 copy of the (T, D) input (≈ 4 GB per 1024² sample at FLUX.1-dev width across its 95 MoE layers
+would otherwise be held for the backward).
 
 Legend: T tokens (all leading dims flattened), D model width, E routed experts, K top-k, N = T·K
 (token, expert) pairs, S shared experts, F_s shared expert width, F_e routed expert width, H up-projection
@@ -188,6 +194,32 @@ def grouped_mm_supported(dtype: torch.dtype, *widths: int) -> bool:
     return all(w * itemsize % 16 == 0 for w in widths)
 
 
+class RouterLogits(torch.autograd.Function):
+    """logits_ET = W_ED·x_TDᵀ computed in fp32 (also under autocast), saving x in its own dtype for the backward.
+
+    ``torch.mm(W.float(), x.float().T)`` would keep the fp32 copy of x alive until the backward; here the copy is a
+    temporary of the forward (and of the backward), and what is saved is x itself, which the shared expert's
+    up-projection saves anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, weight_ED: Tensor, x_TD: Tensor) -> Tensor:
+        ctx.save_for_backward(weight_ED, x_TD)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return torch.mm(weight_ED.float(), x_TD.float().T)
+
+    @staticmethod
+    def backward(ctx, grad_ET: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        weight_ED, x_TD = ctx.saved_tensors
+        grad_weight = grad_x = None
+        with torch.autocast(x_TD.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_weight = torch.mm(grad_ET, x_TD.float()).to(weight_ED.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_x = torch.mm(grad_ET.T, weight_ED.float()).to(x_TD.dtype)
+        return grad_weight, grad_x
+
+
 class MoEFeedForward(nn.Module):
     """Shared experts (one fused dense MLP) + top-k routed experts; x (..., D) → (..., D)."""
 
@@ -235,6 +267,8 @@ class MoEFeedForward(nn.Module):
         self.balance_terms: tuple[Tensor, int, Tensor, Tensor | None] | None = None
         self.last_counts: Tensor = torch.zeros(E, dtype=torch.long)
         self.last_probs_mean: Tensor = torch.zeros(E)
+        # The last routed forward's expert choices (T, K), on the device, for load statistics by timestep.
+        self.last_topk_idx_TK: Tensor | None = None
         self.reset_parameters()
 
     def _apply(self, fn, recurse=True):
@@ -302,7 +336,7 @@ class MoEFeedForward(nn.Module):
         dtype = _compute_dtype(x_TD)
         out_TD = self._shared(x_TD, dtype)
         if self.top_k > 0:
-            self._routed(x_TD, out_TD, dtype)
+            out_TD = self._routed(x_TD, out_TD, dtype)
         else:
             self.aux_loss = x_TD.new_zeros((), dtype=torch.float32)
             self.last_counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
@@ -324,12 +358,7 @@ class MoEFeedForward(nn.Module):
         GEMM and the softmax run ~2x and ~15x faster across tokens (E = 12 is too narrow to vectorise along).
         """
         cfg, K = self.cfg, self.top_k
-        device_type = x_TD.device.type
-        if torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                logits_ET = torch.mm(self.router.weight.float(), x_TD.float().T)
-        else:
-            logits_ET = torch.mm(self.router.weight.float(), x_TD.float().T)
+        logits_ET = RouterLogits.apply(self.router.weight, x_TD)
         scores_ET = logits_ET.softmax(dim=0) if cfg.gate == "softmax" else logits_ET.sigmoid()
         scores_TE = scores_ET.T
         if cfg.balance == "aux_free":
@@ -345,7 +374,7 @@ class MoEFeedForward(nn.Module):
             gates_TK = torch.ones_like(gates_TK)
         return logits_ET, scores_ET, gates_TK, topk_idx_TK
 
-    def _routed(self, x_TD: Tensor, out_TD: Tensor, dtype: torch.dtype) -> None:
+    def _routed(self, x_TD: Tensor, out_TD: Tensor, dtype: torch.dtype) -> Tensor:
         cfg, E, K = self.cfg, self.num_experts, self.top_k
         logits_ET, scores_ET, gates_TK, topk_idx_TK = self.route(x_TD)
 
@@ -368,9 +397,13 @@ class MoEFeedForward(nn.Module):
         # In place when nothing needs the ungated hidden for a backward (inference).
         h_NF = h_NF * gate_N1 if h_NF.requires_grad or gate_N1.requires_grad else h_NF.mul_(gate_N1)
         y_ND = self._expert_matmul(h_NF, self.w_down.to(dtype), counts_E, offs_E)
-        out_TD.index_add_(0, token_N, y_ND)
-
+        # Back to (token, choice) order: row n of the sorted rows is pair order_N[n]. A permutation gather (its
+        # backward writes each row once), then the K outputs of a token summed in fp32 in a fixed order.
+        rank_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
+        y_TKD = y_ND.index_select(0, rank_N).view(-1, K, self.dim)
+        self.last_topk_idx_TK = topk_idx_TK.detach()
         self._record(logits_ET, scores_ET, counts_E, expert_N.numel())
+        return (out_TD.float() + y_TKD.float().sum(dim=1)).to(dtype)
 
     def _expert_matmul(self, a_NX: Tensor, w_EXY: Tensor, counts_E: Tensor, offs_E: Tensor) -> Tensor:
         if self.use_grouped_mm and grouped_mm_supported(a_NX.dtype, a_NX.shape[1], w_EXY.shape[2]):
@@ -491,6 +524,24 @@ def sync_balance_losses(module: nn.Module) -> None:
         if z_loss is not None:
             aux_loss = aux_loss + share_L[i] * z_loss
         layer.aux_loss = aux_loss
+
+
+@torch.no_grad()
+def update_expert_biases(module: nn.Module) -> None:
+    """DeepSeek-V3 aux-loss-free step on every "aux_free" layer of ``module``, from its loads since the last call.
+
+    Call once per optimizer step (after it): the pending counts sum every gradient-accumulation micro-batch, and
+    under DDP/FSDP they are summed over ranks first (one all-reduce), so every replica applies the same bias.
+    Shared by the distillation stages and the DiT recipe.
+    """
+    layers = [m for m in moe_layers(module) if m.num_experts and m.cfg.balance == "aux_free"]
+    if not layers:
+        return
+    counts = torch.cat([layer.pending_counts for layer in layers])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    for layer, counts_E in zip(layers, counts.split([m.num_experts for m in layers])):
+        layer.update_expert_bias(counts_E)
 
 
 def set_top_k(module: nn.Module, top_k: int) -> None:

@@ -15,6 +15,14 @@ from src.models.moe import moe_layers
 TIMESTEP_BUCKETS = 4
 
 
+def is_logging_step(trainer: L.Trainer, batch_idx: int) -> bool:
+    """At a batch end: whether an optimizer step just finished that Lightning logs (or the last one)."""
+    if (batch_idx + 1) % trainer.accumulate_grad_batches:
+        return False
+    step = trainer.global_step
+    return (trainer.log_every_n_steps > 0 and step % trainer.log_every_n_steps == 0) or step == trainer.max_steps
+
+
 class StageProgressBar(RichProgressBar):
     """Rich progress bar whose description names the stage (step, losses and ETA are Lightning's)."""
 
@@ -29,24 +37,26 @@ class StageProgressBar(RichProgressBar):
 class ExpertLoadCallback(Callback):
     """Per-layer expert load and router entropy during training; tokens per expert by timestep bucket.
 
-    At the end of the stage: a load heatmap (layers × experts, share of each layer's assignments) and a
-    timestep-bucket heatmap (σ buckets × experts, summed over layers) as MLflow images.
+    Everything accumulates on the device (no host sync in a training step): the per-layer loads after every
+    batch, the timestep buckets from each layer's recorded choices (``last_topk_idx_TK``, no second routing).
+    The metrics come to the host once per logging step (one transfer), the heatmaps at the end of the stage: a
+    load heatmap (layers × experts, share of each layer's assignments) and a timestep-bucket heatmap (σ buckets ×
+    experts, summed over layers) as MLflow images.
     """
 
     def __init__(self) -> None:
-        # metrics go through LightningModule.log, which writes at the Trainer's log_every_n_steps
         self._hooks: list = []
+        self._layers: list = []
         self.load_LE: torch.Tensor | None = None
         self.bucket_UE: torch.Tensor | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        layers = moe_layers(pl_module.student)
-        routed = [layer for layer in layers if layer.num_experts]
+        routed = [layer for layer in moe_layers(pl_module.student) if layer.num_experts]
         if not routed:
             return
-        e = routed[0].num_experts
-        self.load_LE = torch.zeros(len(routed), e, dtype=torch.float64)
-        self.bucket_UE = torch.zeros(TIMESTEP_BUCKETS, e, dtype=torch.float64)
+        e, device = routed[0].num_experts, routed[0].expert_bias.device
+        self.load_LE = torch.zeros(len(routed), e, dtype=torch.long, device=device)
+        self.bucket_UE = torch.zeros(TIMESTEP_BUCKETS, e, dtype=torch.long, device=device)
         self._layers = routed
         for layer in routed:
             self._hooks.append(layer.register_forward_hook(self._bucket_hook(pl_module, layer)))
@@ -54,46 +64,54 @@ class ExpertLoadCallback(Callback):
     def _bucket_hook(self, pl_module, layer):
         def count(module, args, output):
             sigma_B = getattr(pl_module, "last_sigma_B", None)
-            if sigma_B is None or not pl_module.training or layer.top_k == 0:
+            topk_TK = layer.last_topk_idx_TK
+            if sigma_B is None or not pl_module.training or layer.top_k == 0 or topk_TK is None:
                 return
             x = args[0]
             if x.dim() != 3 or x.shape[0] != sigma_B.shape[0]:
                 return  # a MoB sub-batch: which samples it holds is not known here
-            with torch.no_grad():  # the router again on the layer's input: cheap (E × D per token)
-                topk_TK = layer.route(x.detach().reshape(-1, layer.dim))[3]
-            per_sample = topk_TK.shape[0] // sigma_B.shape[0]
-            bucket_T = (sigma_B.detach().cpu() * TIMESTEP_BUCKETS).long().clamp(max=TIMESTEP_BUCKETS - 1)
-            bucket_T = bucket_T.repeat_interleave(per_sample)
-            flat = (bucket_T[:, None] * layer.num_experts + topk_TK.cpu()).flatten()
-            self.bucket_UE += torch.bincount(flat, minlength=self.bucket_UE.numel()).view_as(self.bucket_UE)
+            bucket_B = (sigma_B.detach() * TIMESTEP_BUCKETS).long().clamp(0, TIMESTEP_BUCKETS - 1)
+            bucket_T = bucket_B.to(topk_TK.device).repeat_interleave(x.shape[1])
+            flat = (bucket_T[:, None] * layer.num_experts + topk_TK).flatten()
+            # integer scatter-add: exact and order-independent (bincount would sync for its output size)
+            self.bucket_UE.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
 
         return count
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.load_LE is None:
             return
-        for i, layer in enumerate(self._layers):
-            self.load_LE[i] += layer.last_counts.detach().cpu().double()
-        stats = [layer.load_stats() for layer in self._layers]
-        if not stats or not stats[0]:
+        self.load_LE += torch.stack([layer.last_counts for layer in self._layers]).to(self.load_LE)
+        if not is_logging_step(trainer, batch_idx):
             return
+        stats = [layer.load_stats() for layer in self._layers]
+        values_2L = torch.stack(
+            [
+                torch.stack([s["max_over_mean_load"].float() for s in stats]),
+                torch.stack([s["router_entropy"].float() for s in stats]),
+            ]
+        )
+        (load, entropy) = values_2L.tolist()  # the one device → host transfer, at a logging step
         metrics = {
-            "experts/max_over_mean_load": float(np.mean([s["max_over_mean_load"].item() for s in stats])),
-            "experts/router_entropy": float(np.mean([s["router_entropy"].item() for s in stats])),
+            "experts/max_over_mean_load": float(np.mean(load)),
+            "experts/router_entropy": float(np.mean(entropy)),
         }
-        for i, s in enumerate(stats):
-            metrics[f"experts/layer{i:02d}/max_over_mean_load"] = s["max_over_mean_load"].item()
-            metrics[f"experts/layer{i:02d}/router_entropy"] = s["router_entropy"].item()
+        for i in range(len(stats)):
+            metrics[f"experts/layer{i:02d}/max_over_mean_load"] = load[i]
+            metrics[f"experts/layer{i:02d}/router_entropy"] = entropy[i]
         pl_module.log_dict(metrics)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if self.load_LE is None or self.load_LE.sum() == 0 or not hasattr(trainer.logger, "log_figure"):
+        if self.load_LE is None or not hasattr(trainer.logger, "log_figure"):
             return
-        share_LE = self.load_LE / self.load_LE.sum(1, keepdim=True).clamp_min(1)
-        share_UE = self.bucket_UE / self.bucket_UE.sum(1, keepdim=True).clamp_min(1)
+        load_LE, bucket_UE = self.load_LE.double().cpu(), self.bucket_UE.double().cpu()
+        if load_LE.sum() == 0:
+            return
+        share_LE = load_LE / load_LE.sum(1, keepdim=True).clamp_min(1)
+        share_UE = bucket_UE / bucket_UE.sum(1, keepdim=True).clamp_min(1)
         trainer.logger.log_figure(load_heatmap(share_LE.numpy(), "MoE layer"), "experts/load_heatmap.png")
         trainer.logger.log_figure(
             load_heatmap(

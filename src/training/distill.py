@@ -11,11 +11,16 @@
 Every step: t and noise → teacher (no grad) → student → losses → log. Teacher and student see the same noisy
 input, noise level, text embeddings and guidance; a conditioning adapter (``src/training/conditioning.py``)
 makes those from shapes-world or prepared-latent batches. The step's randomness is a pure function of (seed,
-step), so a resumed stage continues exactly as an uninterrupted one. Legend: B batch, L image tokens, D token width.
+step, micro-batch, rank), so a resumed stage continues exactly as an uninterrupted one.
+
+Nothing in a training step reads a device tensor on the host: losses are logged (and the loss checked for NaN/inf)
+only at logging steps and before a checkpoint is written, so a GPU runs ahead of the Python loop between them.
+Legend: B batch, L image tokens, D token width.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,13 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.data.worlds import model_world
 from src.errors import UserError
 from src.models.flow import TIMESTEP_SAMPLINGS, sample_sigmas
 from src.models.mob import mob_groups
-from src.models.moe import clear_aux_losses, moe_layers, sync_balance_losses
+from src.models.moe import clear_aux_losses, moe_layers, sync_balance_losses, update_expert_biases
+from src.training.accumulation import check_accumulation
 from src.training.base import FlowModule
 from src.training.conditioning import LatentConditioning, ShapesConditioning, velocity
-from src.training.strategies import check_strategy
+from src.training.precision import apply_precision, check_precision
+from src.training.strategies import check_strategy, fsdp_spec
 
 STAGE_KINDS = ("shared_kd", "moe_kd", "mob_kd", "dense_kd")
 TRAINABLE = ("default", "all")
@@ -50,7 +58,9 @@ class StageSpec:
     batch_size: int = 32
     """Images per step and device (global batch = batch_size × devices × nodes)."""
     precision: str = "32-true"
-    """Lightning precision ("32-true", "bf16-mixed", …)."""
+    """Lightning precision: "32-true", "bf16-mixed" or "16-mixed" (trained parameters stay fp32 in all three)."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches of ``batch_size`` per optimizer step (not for mob_kd; src/training/accumulation.py)."""
     warmup_steps: int = 20
     """Linear warm-up steps."""
     weight_decay: float = 0.0
@@ -98,6 +108,8 @@ class StageSpec:
             raise ValueError(f"stage {self.name!r}: lr={self.lr} must be > 0")
         try:
             check_strategy(self.strategy, self.kind)
+            check_precision(self.precision)
+            check_accumulation(self.accumulate_grad_batches, self.kind)
         except ValueError as err:
             raise ValueError(f"stage {self.name!r}: {err}") from None
 
@@ -213,6 +225,7 @@ class DistillStage(FlowModule):
         self.student = student.train()
         self.conditioning = conditioning
         self.pipeline = conditioning.pipeline  # shapes-world sampling for validation; None on latent data
+        self.world = model_world(teacher)  # the embedded world whose detector scores validation samples
         self.strict_loading = False  # the frozen teacher is not stored in stage checkpoints
         self.top_k = max((layer.cfg.top_k for layer in moe_layers(student)), default=0)
         if spec.kind == "shared_kd":
@@ -220,10 +233,16 @@ class DistillStage(FlowModule):
 
             set_top_k(student, 0)
         self._params = trainable_parameters(student, spec)
+        apply_precision(student, self._params, spec.precision, fsdp=fsdp_spec(spec.strategy))
         teacher_taps, student_taps, self.pairs = feature_pairs(teacher, student, spec.kind)
         self._teacher_taps = FeatureTaps(teacher_taps)
         self._student_taps = FeatureTaps(student_taps)
         self.last_sigma_B: torch.Tensor | None = None
+        self._micro_batch = 0
+        # On-device running state between logging steps: the micro-batch-mean losses of the current optimizer
+        # step, and the first step whose loss was not finite (-1: none).
+        self._step_parts: dict[str, torch.Tensor] = {}
+        self._first_bad_step: torch.Tensor | None = None
 
     def sampling_model(self) -> nn.Module:
         return self.student
@@ -233,8 +252,19 @@ class DistillStage(FlowModule):
         trainer = self._trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _accumulation(self) -> int:
+        return self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+
     def _step_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+
+    def _is_logging_step(self) -> bool:
+        """Whether the optimizer step this micro-batch belongs to is one Lightning logs (or the last one)."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        step = self.global_step + 1
+        return (trainer.log_every_n_steps > 0 and step % trainer.log_every_n_steps == 0) or step == trainer.max_steps
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         spec, guidance = self.spec, self.conditioning.guidance
@@ -242,13 +272,17 @@ class DistillStage(FlowModule):
         inputs = self.conditioning.inputs(batch)
         x0_BLD = inputs.x0_BLD
         b = x0_BLD.shape[0]
-        # Each rank draws the global batch's noise and keeps its slice: R ranks × batch b see exactly what one
-        # process with batch R·b sees (the data stream slices the same way).
+        # Each rank draws the noise of the step's global batch (R ranks × A micro-batches × b) and keeps its slice:
+        # R ranks × A micro-batches of b see exactly what one process with batch R·A·b sees (the data stream and
+        # MicroBatches slice the same way: rank-major, then micro-batch).
         rank, world = self._data_parallel_rank()
-        mine = slice(rank * b, (rank + 1) * b)
-        sigma_B = sample_sigmas(b * world, spec.timestep_sampling, spec.timestep_shift, generator=gen)[mine]
+        parts = self._accumulation()
+        start = (rank * parts + self._micro_batch) * b
+        mine = slice(start, start + b)
+        total = b * world * parts
+        sigma_B = sample_sigmas(total, spec.timestep_sampling, spec.timestep_shift, generator=gen)[mine]
         sigma_B = sigma_B.to(self.device)
-        noise_BLD = torch.randn((b * world, *x0_BLD.shape[1:]), generator=gen)[mine].to(self.device)
+        noise_BLD = torch.randn((total, *x0_BLD.shape[1:]), generator=gen)[mine].to(self.device)
         s = sigma_B[:, None, None]
         x_t = (1 - s) * x0_BLD + s * noise_BLD
         self.last_sigma_B = sigma_B
@@ -281,26 +315,43 @@ class DistillStage(FlowModule):
         return {"loss": total, "loss_out": out, "loss_feature": feature, "loss_balance": balance}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        parts_per_step = self._accumulation()
+        self._micro_batch = batch_idx % parts_per_step
         parts = self.losses(batch)
         loss = parts["loss"]
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"stage {self.spec.name!r}: loss is {loss.item()} at step {self.global_step}; the last good checkpoint "
-                "is kept and the MLflow run is marked FAILED (lower the lr or use fp32)"
-            )
-        # sync_dist: the mean over ranks is the loss of the global batch (equal-sized ranks, see losses)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "loss"}, prog_bar=False, sync_dist=True)
+        # No host sync here: the NaN/inf flag and the step's losses accumulate on the device.
+        bad = ~torch.isfinite(loss.detach())
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), self.global_step, self._first_bad_step)
+        for k, v in parts.items():
+            mean = v.detach() / parts_per_step
+            self._step_parts[k] = self._step_parts[k] + mean if self._micro_batch else mean
+        if self._micro_batch == parts_per_step - 1 and self._is_logging_step():
+            self.check_finite()
+            step_parts = self._step_parts
+            # sync_dist: the mean over ranks is the loss of the global batch (equal-sized ranks, see losses)
+            self.log("train/loss", step_parts["loss"], prog_bar=True, sync_dist=True)
+            self.log_dict({f"train/{k}": v for k, v in step_parts.items() if k != "loss"}, sync_dist=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        layers = moe_layers(self.student)
-        if layers and layers[0].cfg.balance == "aux_free":
-            counts = torch.stack([layer.pending_counts for layer in layers])
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(counts)
-            for layer, c in zip(layers, counts):
-                layer.update_expert_bias(c)
+    def check_finite(self) -> None:
+        """Raise ``NonFiniteLossError`` if any loss since the stage started was NaN/inf (one host sync)."""
+        if self._first_bad_step is None:
+            return
+        step = int(self._first_bad_step)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"stage {self.spec.name!r}: non-finite loss (NaN or inf) first at step {step}; the last good "
+                "checkpoint is kept and the MLflow run is marked FAILED (lower the lr or use fp32)"
+            )
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        update_expert_biases(self.student)  # once per optimizer step, from the loads of all its micro-batches
+
+    def on_train_end(self) -> None:
+        self.check_finite()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -321,12 +372,13 @@ class DistillStage(FlowModule):
             if step < warmup:
                 return (step + 1) / warmup
             progress = min(1.0, (step - warmup) / (total - warmup))
-            return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(progress * math.pi))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # a checkpoint after a NaN is never written: the last good one stays the newest
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         # what `export` needs to rebuild the student from this file alone (under FSDP, self.student is a wrapper)
         student = getattr(self.student, "module", self.student)

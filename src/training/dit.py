@@ -28,7 +28,7 @@ from src.models.dit import DiT, param_counts
 from src.models.dit_presets import dit_config
 from src.models.dit_sampling import SamplerConfig, interpolate, sample, sample_timesteps, to_velocity
 from src.models.flow import fixed_noise, to_uint8
-from src.models.moe import moe_layers, sync_balance_losses, total_aux_loss
+from src.models.moe import sync_balance_losses, total_aux_loss, update_expert_biases
 from src.training.base import image_grid
 
 OBJECTIVES = {"flow": ("v", "uniform"), "jit": ("x", "logit_normal")}
@@ -139,20 +139,9 @@ class DiTModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.update_expert_biases()
 
-    @torch.no_grad()
     def update_expert_biases(self) -> None:
-        """DeepSeek-V3 aux-loss-free step on every "aux_free" layer, from the loads since the last step.
-
-        Under DDP the loads are summed over ranks first, so every replica applies the same bias.
-        """
-        layers = [m for m in moe_layers(self.model) if m.num_experts and m.cfg.balance == "aux_free"]
-        if not layers:
-            return
-        counts = torch.cat([layer.pending_counts for layer in layers])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)
-        for layer, counts_E in zip(layers, counts.split([m.num_experts for m in layers])):
-            layer.update_expert_bias(counts_E)
+        """DeepSeek-V3 aux-loss-free step on every "aux_free" layer (``moe.update_expert_biases``)."""
+        update_expert_biases(self.model)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -14,16 +13,20 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from src.data.worlds import DEFAULT_WORLD, model_world
 from src.errors import UserError
 from src.models.loading import load_transformer
-from src.models.mob import MoBConfig, mob_groups
-from src.models.moe import moe_layers, set_top_k
+from src.models.mob import mob_groups
+from src.models.moe import set_top_k
 from src.models.pipeline import SamplingConfig, ShapesPipeline
+from src.models.student import StudentRecipe, build_student, with_mob
+from src.training.accumulation import accumulate_datamodule
 from src.training.callbacks import ExpertLoadCallback, StageProgressBar
 from src.training.conditioning import LatentConditioning, ShapesConditioning, velocity
 from src.training.distill import DistillStage, StageSpec
 from src.training.experiment import Experiment
 from src.training.mlflow_logging import MLflowLogger, check_tracking_uri, resolve_tracking_uri
+from src.training.precision import STUDENT_LOAD_DTYPE
 from src.training.strategies import (
     build_strategy,
     full_student,
@@ -112,13 +115,14 @@ def _stream_data(exp: Experiment, batch_size: int, offset: int, teacher=None, ve
         val_prompts_per_task=4,
         snap=exp.data.snap,
         cells=exp.data.cells,
+        world=model_world(teacher) if teacher is not None else DEFAULT_WORLD,
     )
 
 
 # --- the initial student ----------------------------------------------------------------------------------------
-def _calibration_data(exp: Experiment):
-    """The raw batches Taylor calibration draws from: its own shapes stream, or the latent training split."""
-    data = _stream_data(exp, exp.taylor.batch_size, offset=7919)
+def _calibration_data(exp: Experiment, teacher: torch.nn.Module):
+    """The raw batches Taylor calibration draws from: its own stream of the teacher's world, or the latent split."""
+    data = _stream_data(exp, exp.taylor.batch_size, offset=7919, teacher=teacher)
     if exp.data.kind == "shapes":
         yield from (data.train_stream.batch(i) for i in range(exp.taylor.batches))
         return
@@ -134,7 +138,7 @@ def _calibration_data(exp: Experiment):
 def taylor_batches(exp: Experiment, conditioning, teacher: torch.nn.Module):
     """Calibration batches with noise levels spread evenly over (0, 1) (Taylor scores across timesteps)."""
     n = exp.taylor.batches
-    for i, batch in enumerate(_calibration_data(exp)):
+    for i, batch in enumerate(_calibration_data(exp, teacher)):
         gen = torch.Generator().manual_seed(exp.seed * 7 + i)
         inputs = conditioning.inputs(batch)
         x0 = inputs.x0_BLD
@@ -157,8 +161,7 @@ def taylor_batches(exp: Experiment, conditioning, teacher: torch.nn.Module):
 
 
 def initial_student(exp: Experiment, teacher: torch.nn.Module, conditioning) -> torch.nn.Module:
-    from src.models.convert import convert_flux_to_moe
-    from src.models.prune import block_importance_mse, blocks_to_remove, depth_prune, width_prune
+    from src.models.prune import block_importance_mse
     from src.models.taylor import load_scores, save_scores, taylor_scores
 
     spec = exp.student
@@ -181,49 +184,24 @@ def initial_student(exp: Experiment, teacher: torch.nn.Module, conditioning) -> 
             if is_main_rank():  # every rank computes the same scores; one writes them, atomically
                 save_scores(path.with_suffix(".partial"), scores)
                 os.replace(path.with_suffix(".partial"), path)
-    model = teacher
-    if prune is not None and prune.kind == "width":
-        ffn = 4 * teacher.inner_dim
-        model = width_prune(teacher, scores, width=max(1, round(prune.ffn_fraction * ffn)))
-    elif prune is not None:
-        nd, ns = len(teacher.transformer_blocks), len(teacher.single_transformer_blocks)
-        keep_d, keep_s = prune.keep_double or nd, prune.keep_single or ns
-        importance = None
-        if prune.rank == "mse":
-            guided = getattr(teacher.config, "guidance_embeds", False)
-            batches = [
-                {
-                    "hidden_states": b["x_t"].to(teacher.dtype),
-                    "encoder_hidden_states": b["inputs"].tokens_BTE.to(teacher.dtype),
-                    "pooled_projections": b["inputs"].pooled_BP.to(teacher.dtype),
-                    "timestep": b["sigma"],
-                    "img_ids": b["inputs"].img_ids_L3,
-                    "txt_ids": b["inputs"].txt_ids_T3,
-                    "guidance": torch.full_like(b["sigma"], conditioning.guidance) if guided else None,
-                }
-                for b in taylor_batches(exp, conditioning, teacher)
-            ]
-            importance = block_importance_mse(teacher, batches)
-        remove_d = blocks_to_remove(nd, keep_d, importance["double"] if importance else None)
-        remove_s = blocks_to_remove(ns, keep_s, importance["single"] if importance else None)
-        model = depth_prune(teacher, remove_d, remove_s)
-    if conv is not None:
-        return convert_flux_to_moe(model, conv, scores if model is teacher else None).train()
-    return (copy.deepcopy(model) if model is teacher else model).train().requires_grad_(True)
-
-
-def add_mob(student: torch.nn.Module, mob: MoBConfig) -> torch.nn.Module:
-    """The same student with MoB groups (fresh routers) over its blocks."""
-    from src.models.flux_moe import FluxMoETransformer2DModel
-
-    config = {k: v for k, v in dict(student.config).items() if not k.startswith("_")}
-    config["mob"] = mob.to_dict()
-    grouped = FluxMoETransformer2DModel.from_config(config)
-    missing, unexpected = grouped.load_state_dict(student.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("mob_groups.") for k in missing), (missing, unexpected)
-    for src_layer, dst_layer in zip(moe_layers(student), moe_layers(grouped)):
-        dst_layer.top_k = src_layer.top_k
-    return grouped.train()
+    importance = None
+    if prune is not None and prune.kind == "depth" and prune.rank == "mse":
+        guided = getattr(teacher.config, "guidance_embeds", False)
+        batches = [
+            {
+                "hidden_states": b["x_t"].to(teacher.dtype),
+                "encoder_hidden_states": b["inputs"].tokens_BTE.to(teacher.dtype),
+                "pooled_projections": b["inputs"].pooled_BP.to(teacher.dtype),
+                "timestep": b["sigma"],
+                "img_ids": b["inputs"].img_ids_L3,
+                "txt_ids": b["inputs"].txt_ids_T3,
+                "guidance": torch.full_like(b["sigma"], conditioning.guidance) if guided else None,
+            }
+            for b in taylor_batches(exp, conditioning, teacher)
+        ]
+        importance = block_importance_mse(teacher, batches)
+    recipe = StudentRecipe(conversion=conv, prune=prune)
+    return build_student(teacher, recipe, scores=scores, block_importance=importance)
 
 
 # --- stages ---------------------------------------------------------------------------------------------------------
@@ -285,6 +263,7 @@ def run_stage(exp: Experiment, index: int, teacher, student, conditioning, paren
         num_nodes=launched_num_nodes(),
         precision=spec.precision,
         gradient_clip_val=spec.gradient_clip_val,
+        accumulate_grad_batches=spec.accumulate_grad_batches,
         logger=logger,
         callbacks=[checkpoint, ExpertLoadCallback(), StageProgressBar(f"{exp.name}/{spec.name}"), *exp.callbacks],
         limit_val_batches=0,
@@ -293,7 +272,10 @@ def run_stage(exp: Experiment, index: int, teacher, student, conditioning, paren
         enable_model_summary=False,
     )
     trainer = L.Trainer(**(trainer_args | spec.extra_trainer))  # extra_trainer may override any default
-    data = _stream_data(exp, spec.batch_size, offset=104729 * (index + 1), teacher=teacher)
+    # the stream yields each optimizer step's whole per-device batch; MicroBatches hands it out in slices
+    parts = spec.accumulate_grad_batches
+    data = _stream_data(exp, spec.batch_size * parts, offset=104729 * (index + 1), teacher=teacher)
+    data = accumulate_datamodule(data, parts)
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     if trainer.interrupted:
         raise KeyboardInterrupt
@@ -354,10 +336,10 @@ def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
                     student = initial_student(exp, teacher, conditioning)
                 except ValueError as err:  # conversion / pruning settings that don't fit this teacher
                     raise UserError(f"student: {err}") from None
-            else:
-                student = load_transformer(student_dir)
+            else:  # the stage's precision policy casts it further (src/training/precision.py)
+                student = load_transformer(student_dir, torch_dtype=STUDENT_LOAD_DTYPE)
             if spec.kind == "mob_kd" and not mob_groups(student):
-                student = add_mob(student, exp.student.mob)
+                student = with_mob(student, exp.student.mob)
             student = run_stage(exp, index, teacher, student, conditioning, parent)
             if has_fsdp_units(teacher):  # FSDP sharded the teacher's blocks in place: a whole one for what follows
                 teacher = load_teacher(exp)
@@ -378,8 +360,10 @@ def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
     result: dict[str, Any] = {"student": str(student_dir)}
     if not is_main_rank():  # the evaluation and the parent MLflow run belong to rank 0
         return result
-    if exp.evaluation.enabled:
-        student = load_transformer(student_dir)
+    if exp.evaluation.enabled:  # evaluated in the teacher's dtype, as the teacher is
+        from evaluation.generate import DTYPES
+
+        student = load_transformer(student_dir, torch_dtype=DTYPES[exp.teacher.dtype])
         if exp.data.kind == "latents":
             result |= evaluate_latents(exp, teacher, student, conditioning, uri, parent)
         else:

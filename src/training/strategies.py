@@ -142,19 +142,22 @@ def check_strategy(strategy: Any, stage_kind: str | None = None) -> None:
     FSDP is refused for ``mob_kd``: MoB routes per sample, so ranks skip different blocks, and FSDP gathers each
     block's shards with a collective only the ranks running that block would join (a deadlock).
     """
-    if isinstance(strategy, str):
-        fsdp = strategy.startswith("fsdp")  # Lightning validates names when the Trainer is built
-    elif isinstance(strategy, dict):
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        fsdp = issubclass(resolve_init_args(strategy)[0], FSDPStrategy)
-    else:
-        raise ValueError(f"strategy={strategy!r}: allowed a Lightning strategy name or {{class_path, init_args}}")
-    if fsdp and stage_kind == "mob_kd":
+    if fsdp_spec(strategy) and stage_kind == "mob_kd":
         raise ValueError(
             "strategy: FSDP cannot run a mob_kd stage (ranks skip different blocks, so FSDP's per-block gathers "
             "would deadlock); allowed: ddp (find_unused_parameters is set for you) or a single device"
         )
+
+
+def fsdp_spec(strategy: Any) -> bool:
+    """Whether a stage's ``strategy`` value (a name or {class_path, init_args}) describes FSDP."""
+    if isinstance(strategy, str):
+        return strategy.startswith("fsdp")  # Lightning validates names when the Trainer is built
+    if isinstance(strategy, dict):
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return issubclass(resolve_init_args(strategy)[0], FSDPStrategy)
+    raise ValueError(f"strategy={strategy!r}: allowed a Lightning strategy name or {{class_path, init_args}}")
 
 
 def build_strategy(strategy: str | dict[str, Any], stage_kind: str | None = None) -> Any:
