@@ -78,6 +78,18 @@ class FidelityMeter:
             self.lpips.update(a_NCHW, b_NCHW)
         self.pairs += len(a_NCHW)
 
+    def per_pair(self) -> dict[str, np.ndarray]:
+        """{"psnr", "ssim", "lpips" (when available)}: one value per pair, in update order (for intervals)."""
+        if not self.pairs:
+            raise ValueError("fidelity: no image pairs")
+        values = {
+            "psnr": self.psnr.compute().reshape(-1).clamp(max=PSNR_CAP),
+            "ssim": self.ssim.compute().reshape(-1),
+        }
+        if self.lpips is not None:
+            values["lpips"] = self.lpips.compute().reshape(-1)
+        return {k: v.double().cpu().numpy() for k, v in values.items()}
+
     def compute(self) -> dict:
         """{"psnr": dB, "ssim", "lpips" (when available), "pairs"}: means over pairs."""
         if not self.pairs:
@@ -98,14 +110,21 @@ def fidelity(
     device: str | torch.device = "cpu",
     lpips_net: str = "alex",
     batch_size: int = 16,
+    per_pair: bool = False,
 ) -> dict:
-    """Mean PSNR (dB), SSIM and LPIPS (only with local weights) over pairs of uint8 (N, H, W, 3) images."""
+    """Mean PSNR (dB), SSIM and LPIPS (only with local weights) over pairs of uint8 (N, H, W, 3) images.
+
+    With ``per_pair`` the result also holds ``"per_pair"``: each metric's value for every pair, in order.
+    """
     if len(images_a) != len(images_b):
         raise ValueError(f"fidelity: {len(images_a)} images vs {len(images_b)}; pairs must line up")
     meter = FidelityMeter(device, lpips_net)
     for start in range(0, len(images_a), batch_size):
         meter.update(images_a[start : start + batch_size], images_b[start : start + batch_size])
-    return meter.compute()
+    result = meter.compute()
+    if per_pair:
+        result["per_pair"] = meter.per_pair()
+    return result
 
 
 def check_reference(reference: str | Path, metadata: list[dict], seed: int, images_per_prompt: int) -> Path:

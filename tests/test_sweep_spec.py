@@ -53,8 +53,12 @@ def test_every_sweep_file_passes_the_up_front_checks(path, monkeypatch):
 def test_paper_ablations_is_a_grid_of_the_paper_comparisons(monkeypatch):
     monkeypatch.chdir(ROOT)
     spec = load_sweep(ROOT / "sweeps" / "paper_ablations.yaml")
-    variants = {v.name: trial_config(spec, {"variant": v.name}) for v in spec.variants}
-    assert spec.sampler.name == "grid" and spec.n_trials == len(variants)
+    variants = {v.name: trial_config(spec, {"variant": v.name, "seed": 0}) for v in spec.variants}
+    seeds = next(p for p in spec.space if p.path == "seed").labels
+    assert len(seeds) >= 3  # claims are decided over several distillation seeds
+    assert spec.sampler.name == "grid" and spec.n_trials == len(variants) * len(seeds)
+    claimed = {(c.better, c.worse) for c in spec.claims}
+    assert ("teacher", "prune_width") in claimed and ("moe_l", "prune_width") in claimed  # (e) and (a)
     kinds = {
         name: (c["student"].get("conversion") or {}, c["student"].get("prune") or {}) for name, c in variants.items()
     }

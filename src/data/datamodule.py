@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from src.data.shapes import TASKS, ShapesWorld
+from src.data.shapes import TASKS
+from src.data.worlds import World, make_world
 
 
 def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -26,7 +27,7 @@ def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
 class ShapesStream(IterableDataset):
     """Infinite stream of ready-made batches: {"image": (B, 3, H, W) in [-1, 1], "prompt": [...], "metadata": [...]}."""
 
-    def __init__(self, world: ShapesWorld, batch_size: int, seed: int) -> None:
+    def __init__(self, world: World, batch_size: int, seed: int) -> None:
         self.world, self.batch_size, self.seed = world, batch_size, seed
         self.next_batch = 0
         # Data-parallel slice: batch ``index`` is rank ``rank``'s part of the global batch of batch_size × ranks,
@@ -85,6 +86,7 @@ class ShapesDataModule(L.LightningDataModule):
         val_seed: int = 1234,
         snap: int = 1,
         cells: bool = False,
+        world: str = "shapes",
     ) -> None:
         """
         Args:
@@ -98,12 +100,15 @@ class ShapesDataModule(L.LightningDataModule):
             val_seed: Seed of the held-out prompt draw and of the validation noise.
             snap: Object boxes lie on a grid of this many pixels (1 = free placement; see ``ShapesWorld.snap``).
             cells: One object per ``snap``-pixel cell (see ``ShapesWorld.cells``).
+            world: "shapes" or "glyphs" (GenEval's 80 objects as glyphs; its held-out prompts are GenEval's own
+                553, and heldout_fraction, snap and cells do not apply).
         """
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1 or val_batch_size < 1:
             raise ValueError(f"batch_size={batch_size}, val_batch_size={val_batch_size}: must be >= 1")
-        self.world = ShapesWorld(size=image_size, heldout_fraction=heldout_fraction, snap=snap, cells=cells)
+        self.world = make_world(world, image_size, heldout_fraction, snap, cells)
+        self.world_name = world
         self.train_stream = ShapesStream(self.world, batch_size, seed)
         self._consumed = -1
 

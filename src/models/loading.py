@@ -20,7 +20,7 @@ from torch import nn
 from src.errors import UserError
 
 KNOWN_CLASSES = ("FluxTransformer2DModel", "FluxMoETransformer2DModel")
-PROJECT_CONFIG_KEYS = ("prediction_type", "sampling_shift")
+PROJECT_CONFIG_KEYS = ("prediction_type", "sampling_shift", "world")
 
 
 def _model_class(name: str) -> type:

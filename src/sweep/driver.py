@@ -314,6 +314,7 @@ class Driver:
         number = trial.number
         trial.set_user_attr("seconds", round(seconds, 1))
         wanted = [o.metric for o in self.spec.objectives] + list(self.spec.report_metrics)
+        wanted += [f"{m}/{end}" for m in wanted for end in ("low", "high")]  # a metric's 95% interval, if it has one
         trial.set_user_attr("metrics", {k: v for k, v in outcome.metrics.items() if k in wanted})
         if outcome.state == "COMPLETE":
             self.study.tell(trial, outcome.values)

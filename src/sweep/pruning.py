@@ -10,6 +10,7 @@ studies cannot prune (Optuna's pruners compare one value), so the driver never a
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -91,6 +92,11 @@ class OptunaStepPruning(Callback):
         """The trial-wide step: this stage's step plus the steps of the stages before it."""
         spec = getattr(pl_module, "spec", None)
         return self.stage_offsets.get(getattr(spec, "name", None), 0) + global_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The distillation stages bring their losses to the host only at logging steps (no sync in between), so
+        # every reporting step must be one: log at least every `every_n_steps` (their gcd keeps both schedules).
+        trainer.log_every_n_steps = math.gcd(trainer.log_every_n_steps or self.every_n_steps, self.every_n_steps)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step == 0 or trainer.global_step % self.every_n_steps:

@@ -11,7 +11,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from src.sweep.spec import SweepSpec
+from evaluation.claims import claims_table, decide, load_per_prompt, variant_table
+from src.sweep.spec import VARIANT_PARAM, SweepSpec
 
 BEST_ROWS = 10
 """Rows of the best-trials table of a single-objective study."""
@@ -24,6 +25,15 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     return str(value)
+
+
+def _with_interval(metrics: dict[str, Any], name: str) -> str:
+    """A metric, followed by its 95% interval "[low, high]" when the run reported one (e.g. delta/…/overall)."""
+    if name not in metrics:
+        return ""
+    low, high = metrics.get(f"{name}/low"), metrics.get(f"{name}/high")
+    interval = f" [{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None else ""
+    return _fmt(metrics[name]) + interval
 
 
 def _arrow(direction: str) -> str:
@@ -60,7 +70,7 @@ def table(trials: list[FrozenTrial], spec: SweepSpec, with_state: bool = False) 
         row += [_fmt(t.params.get(p, "")) for p in params]
         values = t.values if t.state == TrialState.COMPLETE else [None] * len(spec.objectives)
         row += [_fmt(v) if v is not None else "" for v in values]
-        row += [_fmt(metrics[m]) if m in metrics else "" for m in extra]
+        row += [_with_interval(metrics, m) for m in extra]
         seconds = t.user_attrs.get("seconds")
         row.append(f"{seconds / 60:.1f}" if seconds is not None else "")
         if with_state:
@@ -70,12 +80,41 @@ def table(trials: list[FrozenTrial], spec: SweepSpec, with_state: bool = False) 
 
 
 def tables(study: optuna.Study, spec: SweepSpec) -> str:
-    """Markdown: the best trials (or Pareto front), then every trial with its state and failure reason."""
+    """Markdown: the claims (when the sweep has any), the best trials (or Pareto front), then every trial."""
     title = "Pareto front" if spec.multi_objective else f"Best {BEST_ROWS} trials"
     best = best_trials(study, spec)
-    text = f"## {spec.name}: {title}\n\n" + (table(best, spec) if best else "No completed trial.\n")
+    text = claims(study, spec)
+    text += f"## {spec.name}: {title}\n\n" + (table(best, spec) if best else "No completed trial.\n")
     everything = sorted(ran(study.get_trials(deepcopy=False)), key=lambda t: t.number)
     return text + f"\n## All trials\n\n{table(everything, spec, with_state=True)}"
+
+
+def claims(study: optuna.Study, spec: SweepSpec) -> str:
+    """Markdown: each variant's score over its seeds, then every claim with its interval, seed spread and verdict.
+
+    A trial's per-prompt report is ``<trial_dir>/run/report/per_prompt.json``; variants are told apart by the
+    ``variant`` parameter and seeds by the report's own seed. A claim whose variants have not finished says so.
+    """
+    if not spec.claims:
+        return ""
+    runs: dict[str, list[dict]] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.state != TrialState.COMPLETE or "trial_dir" not in t.user_attrs:
+            continue
+        try:
+            report = load_per_prompt(Path(t.user_attrs["trial_dir"]) / "run")
+        except ValueError:
+            continue
+        runs.setdefault(str(t.params.get(VARIANT_PARAM, "base")), []).append(report)
+    text = f"## {spec.name}: claims\n\n" + (variant_table(runs) if runs else "No finished run.\n") + "\n"
+    results, missing = [], []
+    for claim in spec.claims:
+        try:
+            results.append(decide(claim, runs))
+        except ValueError as err:
+            missing.append(f"- {claim.name}: not decided ({err})")
+    text += claims_table(results) if results else ""
+    return text + "".join(line + "\n" for line in missing) + "\n"
 
 
 def _save(axes: Any, path: Path) -> Path:

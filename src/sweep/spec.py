@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from evaluation.claims import TEACHER, Claim
 from src.errors import UserError
 
 PARAM_TYPES = ("categorical", "int", "float")
@@ -252,6 +253,9 @@ class SweepSpec:
     """MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."""
     report_metrics: list[str] = field(default_factory=list)
     """More report metrics shown in the trial tables (objectives always are)."""
+    claims: list[Claim] = field(default_factory=list)
+    """Comparisons between variants decided at the end with paired bootstrap intervals over prompts and a seed
+    spread (``evaluation/claims.py``); each ``{name, better, worse, metric}`` names two variants or "teacher"."""
     heartbeat_interval: float = 20.0
     """Seconds between a running trial's heartbeats in the storage."""
     grace_period: float = 120.0
@@ -283,6 +287,11 @@ class SweepSpec:
             raise ValueError(
                 f"grace_period={self.grace_period} must exceed heartbeat_interval={self.heartbeat_interval}"
             )
+        names = {v.name for v in self.variants} | {TEACHER}
+        for claim in self.claims:
+            for side in (claim.better, claim.worse):
+                if side not in names:
+                    raise ValueError(f"claims: {claim.name!r} names {side!r}; allowed variants {sorted(names)}")
         if self.sampler.name == "grid":
             size = self.grid_size()
             if self.trials is not None and self.trials > size:
@@ -395,6 +404,14 @@ def _objectives(data: Any, where: str) -> list[ObjectiveSpec]:
     return out
 
 
+def _claims(data: Any, where: str) -> list[Claim]:
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise UserError(f"{where}: expected a list of {{name, better, worse, metric}}, got {data!r}")
+    return [_build(Claim, item, f"{where}[{i}]") for i, item in enumerate(data)]
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and check a sweep file (UserError naming the file and key on any problem)."""
     path = Path(path)
@@ -412,6 +429,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         "variants": _variants(data.get("variants"), f"{where}: variants"),
         "sampler": _build(SamplerSpec, data.get("sampler"), f"{where}: sampler"),
         "trial": _build(TrialSpec, data.get("trial"), f"{where}: trial"),
+        "claims": _claims(data.get("claims"), f"{where}: claims"),
     }
     if "objectives" not in data:
         raise UserError(f"{where}: objectives missing (metric → maximize|minimize)")

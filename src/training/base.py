@@ -1,4 +1,4 @@
-"""What every LightningModule here shares: held-out GenEval-shapes scoring during validation.
+"""What every LightningModule here shares: held-out GenEval scoring of the embedded world during validation.
 
 The teacher and the distillation stages differ only in their training step; they generate through the same
 ``ShapesPipeline`` and are judged by the same detector and rules, so their numbers are comparable.
@@ -10,8 +10,8 @@ import lightning as L
 import numpy as np
 from torch import nn
 
+from evaluation.detectors import image_scorer, metric_prefix
 from evaluation.geneval import result_record, summarize
-from evaluation.shapes_detector import evaluate_shapes_image
 from src.models.pipeline import ShapesPipeline
 
 
@@ -19,6 +19,8 @@ class FlowModule(L.LightningModule):
     """Base class: subclasses set ``self.pipeline`` and return the model to sample from in ``sampling_model``."""
 
     pipeline: ShapesPipeline
+    world: str = "shapes"
+    """The embedded world whose detector scores validation images (subclasses set it from their teacher)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -31,8 +33,9 @@ class FlowModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         metadata, seeds = batch["metadata"], batch["seed"]
         images = self.pipeline([m["prompt"] for m in metadata], seeds, self.sampling_model())
+        scorer = image_scorer(self.world)
         for i, (image, meta) in enumerate(zip(images, metadata)):
-            correct, reason, detections = evaluate_shapes_image(image, meta)
+            correct, reason, detections = scorer(image, meta)
             self._val_records.append(result_record(f"{batch_idx:05d}/{i:04d}.png", meta, correct, reason, detections))
         if batch_idx == 0:
             self._val_images.extend(images[:32])
@@ -43,8 +46,9 @@ class FlowModule(L.LightningModule):
         if not records or self.trainer.sanity_checking:
             return
         summary = summarize(records)
-        metrics = {f"val/geneval_shapes/{task}": acc for task, acc in summary["tasks"].items()}
-        metrics["val/geneval_shapes/overall"] = summary["overall"]
+        prefix = metric_prefix(self.world)
+        metrics = {f"val/{prefix}/{task}": acc for task, acc in summary["tasks"].items()}
+        metrics[f"val/{prefix}/overall"] = summary["overall"]
         self.log_dict(metrics, sync_dist=True)
         self.log("val_overall", summary["overall"], prog_bar=True, sync_dist=True)
         if hasattr(self.logger, "log_image") and images:

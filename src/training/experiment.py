@@ -122,6 +122,19 @@ class EvalSpec:
     """Images per batch when timing teacher and student sampling."""
     enabled: bool = True
     """Run the evaluation."""
+    teacher_cache: str | None = None
+    """Folder that keeps the teacher's evaluation images by a hash of its weights, prompts, seed and sampler, so
+    runs against one teacher (a sweep's variants) generate them once (None: always generate)."""
+
+    def __post_init__(self) -> None:
+        for name in ("prompts_per_task", "images_per_prompt", "steps", "batch_size", "latency_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"evaluation.{name}={value!r}: must be an integer >= 1")
+        if self.cfg_scale < 0:
+            raise ValueError(f"evaluation.cfg_scale={self.cfg_scale}: must be >= 0")
+        if self.shift is not None and self.shift <= 0:
+            raise ValueError(f"evaluation.shift={self.shift}: must be > 0 (or null: the teacher's own)")
 
 
 @dataclass

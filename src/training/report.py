@@ -1,9 +1,13 @@
 """The evaluation at the end of every fit: what the student gained and what it lost, against its teacher.
 
-Teacher and student generate the same held-out prompts from the same noise. Reported (printed as one table and
-logged to the parent MLflow run): GenEval-shapes per task and overall for both, fidelity to the teacher (PSNR,
-SSIM), total/activated parameters and FLOPs per image per step, and sampling latency of both measured in this
-run, plus a side-by-side grid (teacher row above student row) and the table as artifacts.
+Teacher and student generate the same held-out prompts of the teacher's world (``shapes`` or ``glyphs``, from the
+teacher's config) from the same noise. Reported (printed as one table and logged to the parent MLflow run): GenEval
+per task and overall for both with the student − teacher difference and its paired bootstrap 95% interval
+(``evaluation/bootstrap.py``: prompts resampled, stratified by task), fidelity to the teacher (PSNR, SSIM) with
+intervals, total/activated parameters and FLOPs per image per step, and sampling latency of both measured in this
+run, plus a side-by-side grid (teacher row above student row), the table, and ``report/per_prompt.json`` (every
+prompt's accuracy for both models and the student's fidelity) so that later comparisons between experiments on
+the same teacher can be paired prompt by prompt.
 
 On prepared FLUX latents (``data.kind: latents``) ``evaluate_latents`` reports velocity and sampled-latent
 fidelity on the held-out split instead of GenEval-shapes, with the same parameter and FLOP columns.
@@ -11,18 +15,23 @@ fidelity on the held-out split instead of GenEval-shapes, with the same paramete
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from evaluation.bootstrap import Interval, geneval_differences, mean_interval, per_prompt_accuracy
+from evaluation.detectors import image_scorer, metric_prefix
 from evaluation.fidelity import fidelity
 from evaluation.generate import image_seed
 from evaluation.geneval import result_record, summarize
-from evaluation.shapes_detector import evaluate_shapes_image
-from src.data.shapes import TASKS, ShapesWorld
+from src.data.shapes import TASKS
+from src.data.worlds import WORLDS, make_world, model_world
 from src.models.accounting import count_params, flops_per_image
 from src.models.pipeline import ShapesPipeline
 from src.training.base import image_grid
@@ -38,12 +47,42 @@ def generate_all(pipeline: ShapesPipeline, model, metadata: list[dict], per_prom
     return items, np.concatenate(images)
 
 
-def score(items, images, metadata) -> dict:
+def cached_generation(pipeline: ShapesPipeline, model, metadata: list[dict], ev, seed: int):
+    """`generate_all` of a frozen model, kept in ``ev.teacher_cache`` under a key of everything the images depend on.
+
+    Runs of one sweep (every variant of a seed) evaluate against the same teacher, prompts, noise and sampler: the
+    teacher's images are made once. The key hashes the model's weights and config, the prompts, the seed, the
+    image count and the sampler settings; the file is written atomically, so concurrent trials never read half of it.
+    """
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    sampling = pipeline.sampling
+    encoder = pipeline.text_encoder
+    setting = [dict(model.config), [m["prompt"] for m in metadata], seed, ev.images_per_prompt, repr(sampling)]
+    setting += [pipeline.image_size, pipeline.patch_size, repr(getattr(encoder, "cfg", encoder))]
+    digest.update(json.dumps(setting, sort_keys=True, default=str).encode())
+    path = Path(ev.teacher_cache) / f"{digest.hexdigest()[:24]}.npz"
+    items = [(i, k) for i in range(len(metadata)) for k in range(ev.images_per_prompt)]
+    if path.is_file():
+        return items, np.load(path)["images"]
+    items, images = generate_all(pipeline, model, metadata, ev.images_per_prompt, ev.batch_size, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+    np.savez(partial, images=images)
+    os.replace(partial, path)
+    return items, images
+
+
+def score(items, images, metadata, world: str = "shapes") -> tuple[dict, list[dict]]:
+    """GenEval summary and per-image records of generated images, judged by `world`'s detector."""
+    scorer = image_scorer(world)
     records = []
     for (i, k), image in zip(items, images):
-        correct, reason, det = evaluate_shapes_image(image, metadata[i])
+        correct, reason, det = scorer(image, metadata[i])
         records.append(result_record(f"{i:05d}/samples/{k:04d}.png", metadata[i], correct, reason, det))
-    return summarize(records)
+    return summarize(records), records
 
 
 def latency(pipeline: ShapesPipeline, model, batch: int, repeats: int = 3) -> float:
@@ -59,11 +98,12 @@ def latency(pipeline: ShapesPipeline, model, batch: int, repeats: int = 3) -> fl
     return statistics.median(times) / batch
 
 
-def summary_keys(data_kind: str = "shapes") -> list[str]:
+def summary_keys(data_kind: str = "shapes", world: str | None = None) -> list[str]:
     """Every metric the end-of-fit evaluation writes to ``report/summary.json`` (what a sweep may optimise):
-    ``evaluate_experiment``'s for the shapes world, ``evaluate_latents``'s for prepared latents.
+    ``evaluate_experiment``'s for an embedded world (``world``; None: the keys of every world, since which one a
+    run writes depends on its teacher), ``evaluate_latents``'s for prepared latents.
 
-    ``fidelity/lpips`` appears only when the LPIPS weights are available locally.
+    ``fidelity/lpips`` (and its interval) appears only when the LPIPS weights are available locally.
     """
     keys = []
     for name in ("teacher", "student"):
@@ -73,29 +113,55 @@ def summary_keys(data_kind: str = "shapes") -> list[str]:
     if data_kind == "latents":
         keys += [f"fidelity/velocity_rel_mse_sigma_{s}" for s in VELOCITY_SIGMAS]
         return keys + ["fidelity/velocity_rel_mse", "fidelity/latent_rel_mse", "fidelity/latent_cosine"]
-    for name in ("teacher", "student"):
-        keys += [f"{name}/geneval_shapes/{task}" for task in ("overall", *TASKS)]
-    keys += ["fidelity/psnr", "fidelity/ssim", "fidelity/lpips"]
-    return keys + ["geneval_shapes/overall", "geneval_shapes/retained"]
+    for prefix in (metric_prefix(w) for w in (WORLDS if world is None else [world])):
+        for name in ("teacher", "student"):
+            keys += [f"{name}/{prefix}/{task}" for task in ("overall", *TASKS)]
+        for task in ("overall", *TASKS):
+            keys += [f"delta/{prefix}/{task}{end}" for end in ("", "/low", "/high")]
+        keys += [f"{prefix}/overall", f"{prefix}/retained"]
+    for metric in ("psnr", "ssim", "lpips"):
+        keys += [f"fidelity/{metric}", f"fidelity/{metric}/low", f"fidelity/{metric}/high"]
+    return keys
 
 
 def evaluate_experiment(exp, teacher, student, pipeline: ShapesPipeline, uri: str, parent_run_id: str) -> dict:
     import mlflow
 
     ev = exp.evaluation
-    world = ShapesWorld(size=exp.data.image_size)
-    metadata = world.heldout_metadata({t: ev.prompts_per_task for t in TASKS}, seed=exp.seed + 1)
+    world = model_world(teacher)
+    prefix = metric_prefix(world)
+    metadata = make_world(world, exp.data.image_size).heldout_metadata(
+        {t: ev.prompts_per_task for t in TASKS}, seed=exp.seed + 1
+    )
     student.eval()
     results: dict[str, Any] = {}
-    images = {}
+    images, accuracy = {}, {}
     for name, model in (("teacher", teacher), ("student", student)):
-        items, images[name] = generate_all(pipeline, model, metadata, ev.images_per_prompt, ev.batch_size, exp.seed)
-        summary = score(items, images[name], metadata)
-        results[f"{name}/geneval_shapes/overall"] = summary["overall"]
+        if name == "teacher" and ev.teacher_cache:
+            items, images[name] = cached_generation(pipeline, model, metadata, ev, exp.seed)
+        else:
+            items, images[name] = generate_all(pipeline, model, metadata, ev.images_per_prompt, ev.batch_size, exp.seed)
+        summary, records = score(items, images[name], metadata, world)
+        tags, accuracy[name] = per_prompt_accuracy(records, [i for i, _ in items])
+        results[f"{name}/{prefix}/overall"] = summary["overall"]
         for task, acc in summary["tasks"].items():
-            results[f"{name}/geneval_shapes/{task}"] = acc
+            results[f"{name}/{prefix}/{task}"] = acc
         results[f"latency/{name}_s_per_image"] = latency(pipeline, model, ev.latency_batch)
-    results |= {f"fidelity/{k}": v for k, v in fidelity(images["teacher"], images["student"]).items()}
+    close = fidelity(images["teacher"], images["student"], per_pair=True)
+    per_pair = close.pop("per_pair")
+    results |= {f"fidelity/{k}": v for k, v in close.items()}
+    prompt_of_image = np.array([i for i, _ in items])
+    per_prompt_fidelity = {
+        metric: [float(values[prompt_of_image == i].mean()) for i in range(len(metadata))]
+        for metric, values in per_pair.items()
+    }
+    intervals = geneval_differences(tags, accuracy["teacher"], accuracy["student"], seed=exp.seed)
+    for task, interval in intervals.items():
+        results[f"delta/{prefix}/{task}"] = interval.estimate
+        results[f"delta/{prefix}/{task}/low"], results[f"delta/{prefix}/{task}/high"] = interval.low, interval.high
+    for metric, values in per_prompt_fidelity.items():
+        interval = mean_interval(values, seed=exp.seed)
+        results[f"fidelity/{metric}/low"], results[f"fidelity/{metric}/high"] = interval.low, interval.high
     tokens = pipeline.tokens_per_side**2
     text_len = pipeline.text_encoder.cfg.max_tokens
     for name, model in (("teacher", teacher), ("student", student)):
@@ -106,16 +172,27 @@ def evaluate_experiment(exp, teacher, student, pipeline: ShapesPipeline, uri: st
         results[f"flops/{name}"] = flops_per_image(model, image_tokens=tokens, text_len=text_len)["total"]
     results["params/activated"] = results["params/student_activated"]
     results["flops"] = results["flops/student"]
-    results["geneval_shapes/overall"] = results["student/geneval_shapes/overall"]
-    results["geneval_shapes/retained"] = results["student/geneval_shapes/overall"] / max(
-        results["teacher/geneval_shapes/overall"], 1e-9
+    results[f"{prefix}/overall"] = results[f"student/{prefix}/overall"]
+    results[f"{prefix}/retained"] = results[f"student/{prefix}/overall"] / max(
+        results[f"teacher/{prefix}/overall"], 1e-9
     )
-    table = format_table(results)
+    per_prompt = {
+        "world": world,
+        "seed": exp.seed,
+        "images_per_prompt": ev.images_per_prompt,
+        "prompts": [m["prompt"] for m in metadata],
+        "tags": tags,
+        "teacher": accuracy["teacher"],
+        "student": accuracy["student"],
+        "fidelity": per_prompt_fidelity,
+    }
+    table = format_table(results, prefix, intervals)
     print(table)
     client = mlflow.MlflowClient(tracking_uri=uri)
     client.log_batch(parent_run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in results.items()])
     client.log_text(parent_run_id, table, "report/summary.md")
     client.log_dict(parent_run_id, results, "report/summary.json")
+    client.log_dict(parent_run_id, per_prompt, "report/per_prompt.json")
     pick = list(range(0, len(metadata) * ev.images_per_prompt, max(1, len(metadata) * ev.images_per_prompt // 8)))[:8]
     grid = image_grid([images["teacher"][i] for i in pick] + [images["student"][i] for i in pick], cols=len(pick))
     client.log_image(parent_run_id, grid, "report/teacher_vs_student.png")
@@ -125,44 +202,57 @@ def evaluate_experiment(exp, teacher, student, pipeline: ShapesPipeline, uri: st
     report_dir.mkdir(exist_ok=True)
     (report_dir / "summary.md").write_text(table)
     (report_dir / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
+    (report_dir / "per_prompt.json").write_text(json.dumps(per_prompt) + "\n")
     from PIL import Image
 
     Image.fromarray(grid).save(report_dir / "teacher_vs_student.png")
     return results
 
 
-def format_table(r: dict[str, Any]) -> str:
+def format_table(
+    r: dict[str, Any], prefix: str = "geneval_shapes", intervals: dict[str, Interval] | None = None
+) -> str:
+    """The end-of-fit table; with `intervals`, a column of student − teacher differences [95% CI] in points."""
+
     def pct(x):
         return f"{100 * x:.1f}"
 
-    lines = ["| | teacher | student |", "|---|---:|---:|"]
+    name = "GenEval-" + prefix.removeprefix("geneval_")
+    intervals = intervals or {}
+    lines = ["| | teacher | student | Δ student − teacher [95% CI] |", "|---|---:|---:|---:|"]
     for task in (*TASKS, "overall"):
-        t, s = r.get(f"teacher/geneval_shapes/{task}"), r.get(f"student/geneval_shapes/{task}")
+        t, s = r.get(f"teacher/{prefix}/{task}"), r.get(f"student/{prefix}/{task}")
         if t is not None:
-            label = f"**GenEval-shapes {task}**" if task == "overall" else f"GenEval-shapes {task}"
-            lines.append(f"| {label} | {pct(t)} | {pct(s)} |")
+            label = f"**{name} {task}**" if task == "overall" else f"{name} {task}"
+            delta = intervals[task].format() if task in intervals else "–"
+            if task in intervals and not intervals[task].decided:
+                delta += " (undecided)"
+            lines.append(f"| {label} | {pct(t)} | {pct(s)} | {delta} |")
     lines.append(
-        f"| params total | {r['params/teacher_total'] / 1e6:.3f} M | {r['params/student_total'] / 1e6:.3f} M |"
+        f"| params total | {r['params/teacher_total'] / 1e6:.3f} M | {r['params/student_total'] / 1e6:.3f} M | |"
     )
     lines.append(
-        f"| params activated | {r['params/teacher_activated'] / 1e6:.3f} M | {r['params/student_activated'] / 1e6:.3f} M |"
+        f"| params activated | {r['params/teacher_activated'] / 1e6:.3f} M | {r['params/student_activated'] / 1e6:.3f} M | |"
     )
     lines.append(
         "| activated w/o AdaLN modulation | "
         f"{r['params/teacher_activated_without_modulation'] / 1e6:.3f} M | "
-        f"{r['params/student_activated_without_modulation'] / 1e6:.3f} M |"
+        f"{r['params/student_activated_without_modulation'] / 1e6:.3f} M | |"
     )
-    lines.append(f"| FLOPs / image / step | {r['flops/teacher'] / 1e6:.1f} M | {r['flops/student'] / 1e6:.1f} M |")
+    lines.append(f"| FLOPs / image / step | {r['flops/teacher'] / 1e6:.1f} M | {r['flops/student'] / 1e6:.1f} M | |")
     lines.append(
-        f"| sampling latency (s/image) | {r['latency/teacher_s_per_image']:.4f} | {r['latency/student_s_per_image']:.4f} |"
+        f"| sampling latency (s/image) | {r['latency/teacher_s_per_image']:.4f} "
+        f"| {r['latency/student_s_per_image']:.4f} | |"
     )
-    fid = ", ".join(
-        f"{k.split('/')[1].upper()} {v:.3f}"
-        for k, v in r.items()
-        if k.startswith("fidelity/") and k != "fidelity/pairs"
-    )
-    lines.append(f"| fidelity to teacher (same noise) | – | {fid} |")
-    lines.append(f"| GenEval-shapes retained | – | {pct(r['geneval_shapes/retained'])}% |")
+    parts = []
+    for key, value in r.items():
+        metric = key.split("/")[1] if key.startswith("fidelity/") and key.count("/") == 1 else None
+        if metric is None or metric == "pairs":
+            continue
+        low, high = r.get(f"fidelity/{metric}/low"), r.get(f"fidelity/{metric}/high")
+        parts.append(f"{metric.upper()} {value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else ""))
+    lines.append(f"| fidelity to teacher (same noise) | – | {', '.join(parts)} | |")
+    lines.append(f"| {name} retained | – | {pct(r[f'{prefix}/retained'])}% | |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 
+from src.data.worlds import check_world
 from src.errors import UserError
 from src.models.flow import PREDICTION_TYPES, TIMESTEP_SAMPLINGS, sample_sigmas
 from src.models.loading import load_transformer
@@ -66,6 +67,7 @@ class TeacherModule(FlowModule):
         export_dir: str | None = None,
         prediction_type: str = "velocity",
         lr_decay: str = "none",
+        world: str = "shapes",
     ) -> None:
         """
         Args:
@@ -88,6 +90,8 @@ class TeacherModule(FlowModule):
                 distillation convert the output to a velocity.
             lr_decay: After warm-up, "none" keeps the peak rate; "cosine" anneals it to a tenth of the peak at
                 the trainer's ``max_steps``.
+            world: The embedded world it learns ("shapes" or "glyphs"; match the data's). Stored in the exported
+                config, so evaluation, distillation and its students pick the world's prompts and detector.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -97,6 +101,7 @@ class TeacherModule(FlowModule):
             raise ValueError(f"prediction_type={prediction_type!r}: allowed {PREDICTION_TYPES}")
         if lr_decay not in LR_DECAYS:
             raise ValueError(f"lr_decay={lr_decay!r}: allowed {LR_DECAYS}")
+        self.world = check_world(world)
         if not 0 <= text_dropout < 1:
             raise ValueError(f"text_dropout={text_dropout}: must be in [0, 1)")
         expected_in = 3 * patch_size**2
@@ -121,6 +126,8 @@ class TeacherModule(FlowModule):
         )
         if prediction_type != "velocity" or "prediction_type" in self.transformer.config:
             self.transformer.register_to_config(prediction_type=prediction_type)
+        if world != "shapes":  # travels with the weights: students and evaluation pick the world's detector
+            self.transformer.register_to_config(world=world)
         if sampling is not None and sampling.shift is not None:  # travels with the weights, like prediction_type
             self.transformer.register_to_config(sampling_shift=sampling.shift)
         self.pipeline = ShapesPipeline(self.transformer, self.text_encoder, image_size, patch_size, sampling)
