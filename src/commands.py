@@ -81,6 +81,9 @@ def params(
     width: int | None = None,
     text_len: int | None = None,
     preset: str | None = None,
+    memory: bool = False,
+    gpus: int | None = None,
+    stage: str | None = None,
 ) -> dict[str, Any]:
     """Total and activated parameters per component, and FLOPs per image per step, of an experiment's teacher and
     student — counted on the meta device, so FLUX.1-dev needs no weights. With ``--preset`` (or a DiTModule
@@ -93,6 +96,9 @@ def params(
         width: Image width in pixels (default: height).
         text_len: Text tokens for FLOPs (default 512 for FLUX-size teachers, 16 for the shapes world).
         preset: A DiT preset name (src.models.dit_presets, e.g. dsmoe-s-e16), or "all" for the recipe's table.
+        memory: Print the per-GPU memory plan of every stage instead (src/models/memory.py; docs/scale.md).
+        gpus: GPUs a stage runs on for --memory (default: the stage's devices); FSDP shards model state over them.
+        stage: With --memory, plan only this stage.
     """
     from src.models.accounting import count_params, flops_per_image
     from src.training.experiment import DataSpec, TeacherSpec
@@ -104,6 +110,8 @@ def params(
     args = _load_experiment(config)
     args["teacher"] = args.get("teacher") or TeacherSpec()
     args["data"] = args.get("data") or DataSpec()
+    if memory:
+        return memory_plan(args, height, width, text_len, gpus, stage, json)
     teacher, student = build_on_meta(args)
     size = height or args["data"].image_size
     w = width or size
@@ -210,3 +218,88 @@ def _dit_params(preset: str | None, config: str | None, json: bool) -> dict[str,
         print(params_table(names))
         print("2^20 units: the recipe (arXiv 2512.01252) quotes DSMoE/JiTMoE activated parameters in them.")
     return out
+
+
+def _tokens(teacher_config: dict[str, Any], height: int, width: int) -> int:
+    """Image tokens per sample; UserError for a resolution the model cannot take."""
+    if teacher_config.get("in_channels") == 48:  # the shapes world: RGB patches of side p packed to 3·p² channels
+        patch, what = int((teacher_config["in_channels"] // 3) ** 0.5), "the patch size"
+    else:  # FLUX: the VAE downsamples 8×, latents are packed 2×2
+        patch, what = 16, "16 (VAE factor 8 × 2×2 latent packing)"
+    for name, value in (("height", height), ("width", width)):
+        if value < patch or value % patch:
+            raise UserError(f"{name}={value}: must be a positive multiple of {what}, i.e. of {patch}")
+    return (height // patch) * (width // patch)
+
+
+def memory_plan(
+    args: dict[str, Any],
+    height: int | None,
+    width: int | None,
+    text_len: int | None,
+    gpus: int | None,
+    stage: str | None,
+    json: bool,
+) -> dict[str, Any]:
+    """``params --memory``: per-GPU memory of each stage (src/models/memory.py), from meta-device models."""
+    from evaluation.generate import DTYPES
+    from src.models.memory import StageSetup, format_plan, plan_stage
+    from src.models.student import with_mob
+    from src.training.distill import trainable_parameters
+    from src.training.precision import compute_dtype
+    from src.training.strategies import fsdp_spec
+
+    stages = args["stages"]
+    if stage is not None and stage not in [s.name for s in stages]:
+        raise UserError(f"stage={stage!r}: not a stage of this experiment; allowed {[s.name for s in stages]}")
+    if gpus is not None and gpus < 1:
+        raise UserError(f"gpus={gpus}: must be >= 1")
+    teacher_cfg = _teacher_config(args["teacher"])
+    size = height or args["data"].image_size
+    image_tokens = _tokens(teacher_cfg, size, width or size)
+    text_tokens = text_len or (16 if teacher_cfg.get("in_channels") == 48 else 512)
+    plans, settings = {}, {}
+    for spec in stages:
+        if stage is not None and spec.name != stage:
+            continue
+        teacher, student = build_on_meta(args)
+        if spec.kind == "mob_kd":
+            student = with_mob(student, args["student"].mob)
+        trained = frozenset(
+            n for n, p in student.named_parameters() if id(p) in _ids(trainable_parameters(student, spec))
+        )
+        fsdp = fsdp_spec(spec.strategy)
+        init = spec.strategy.get("init_args", {}) if isinstance(spec.strategy, dict) else {}
+        world = gpus or (spec.devices if isinstance(spec.devices, int) and spec.devices > 0 else 1)
+        setup = StageSetup(
+            trained=trained,
+            compute_dtype=compute_dtype(spec.precision),
+            teacher_dtype=DTYPES[args["teacher"].dtype],
+            batch_size=spec.batch_size,
+            image_tokens=image_tokens,
+            text_tokens=text_tokens,
+            gpus=world,
+            fsdp=fsdp,
+            checkpointing=fsdp and bool(init.get("activation_checkpointing_policy")),
+            top_k=0 if spec.kind == "shared_kd" else None,
+            kind=spec.kind,
+        )
+        plans[spec.name] = plan_stage(teacher, student, setup)
+        settings[spec.name] = {
+            "kind": spec.kind,
+            "trained params": f"{sum(p.numel() for n, p in student.named_parameters() if n in trained) / 1e9:.3f} B",
+            "resolution": f"{size}x{width or size} ({image_tokens} image + {text_tokens} text tokens)",
+            "batch per GPU": spec.batch_size,
+            "precision": spec.precision,
+            "GPUs / FSDP": f"{world} / {'sharded' if fsdp else 'no'}",
+            "activation checkpointing": "blocks" if setup.checkpointing else "no",
+        }
+    if json:
+        print(jsonlib.dumps({"memory": plans, "settings": settings}, indent=1, default=str))
+    else:
+        print(format_plan(plans, settings))
+    return {"memory": plans, "settings": settings}
+
+
+def _ids(params: list[torch.nn.Parameter]) -> set[int]:
+    return {id(p) for p in params}

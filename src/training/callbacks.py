@@ -33,6 +33,12 @@ class StageProgressBar(RichProgressBar):
     def _get_train_description(self, current_epoch: int) -> str:
         return self.description
 
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """The stage's loss as of its last logging step (a host float), without Lightning's ``v_num``."""
+        metrics = {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k != "v_num"}
+        shown = getattr(pl_module, "shown_loss", None)
+        return metrics | ({"loss": f"{shown:.4g}"} if shown is not None else {})
+
 
 class ExpertLoadCallback(Callback):
     """Per-layer expert load and router entropy during training; tokens per expert by timestep bucket.

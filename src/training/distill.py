@@ -242,6 +242,8 @@ class DistillStage(FlowModule):
         # On-device running state between logging steps: the micro-batch-mean losses of the current optimizer
         # step, and the first step whose loss was not finite (-1: none).
         self._step_parts: dict[str, torch.Tensor] = {}
+        self.shown_loss: float | None = None
+        """The loss at the last logging step, on the host (what the progress bar shows)."""
         self._first_bad_step: torch.Tensor | None = None
 
     def sampling_model(self) -> nn.Module:
@@ -331,8 +333,10 @@ class DistillStage(FlowModule):
             self.check_finite()
             step_parts = self._step_parts
             # sync_dist: the mean over ranks is the loss of the global batch (equal-sized ranks, see losses)
-            self.log("train/loss", step_parts["loss"], prog_bar=True, sync_dist=True)
-            self.log_dict({f"train/{k}": v for k, v in step_parts.items() if k != "loss"}, sync_dist=True)
+            # Not prog_bar: Lightning converts progress-bar tensors with .item() after every later batch as well
+            # (a device sync per step); the bar shows the host copy taken here, once per logging step.
+            self.log_dict({f"train/{k}": v for k, v in step_parts.items()}, sync_dist=True)
+            self.shown_loss = float(step_parts["loss"])
         return loss
 
     def check_finite(self) -> None:
