@@ -6,14 +6,21 @@ Reads the runs with ``search_runs`` and keeps the metrics ``evaluate`` and the t
 run beats on both axes (fewer or equal activated parameters and better or equal quality, one of them strictly).
 Outputs: compare.csv, compare.md, compare.png under ``--out``; the same files are logged to a new run named
 "compare" (tag ``dense2moe.kind=compare``, skipped by later compares) in the experiment.
+
+GenEval numbers are only put side by side when they share a protocol (`evaluation.provenance`: prompts, detector
+and colour weights, thresholds, images per prompt, sampler); mixed protocols are refused unless
+``--allow_mixed_protocols``. Runs logged before provenance was recorded are shown with protocol "unknown" and a
+warning.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
+from evaluation.provenance import PROTOCOL_ID_TAG, PROTOCOL_TAG, protocol_differences
 from src.errors import UserError
 
 QUALITY_METRICS = ("geneval/overall", "geneval_shapes/overall", "clip_score")
@@ -65,6 +72,46 @@ def _runs(client, experiment_id: str) -> list:
             return runs
 
 
+def _protocols(runs: list, allow_mixed: bool) -> dict[str, str]:
+    """Run id → GenEval protocol id ("unknown" without a record) for runs with a GenEval number; refuses a mix.
+
+    Each family of metrics (``geneval/*``, ``geneval_shapes/*``) is checked on its own: they are separate columns.
+    """
+    labels: dict[str, str] = {}
+    families = sorted({k.split("/")[0] for r in runs for k in r.data.metrics if k.startswith("geneval") and "/" in k})
+    for family in families:
+        carrying = [r for r in runs if any(k.startswith(family + "/") for k in r.data.metrics)]
+        carrying.sort(key=lambda r: r.info.start_time or 0)
+        protocols = {}
+        for run in carrying:
+            try:
+                protocols[run.info.run_id] = json.loads(run.data.tags[PROTOCOL_TAG])
+            except (KeyError, json.JSONDecodeError):
+                continue
+            labels[run.info.run_id] = run.data.tags.get(PROTOCOL_ID_TAG, "?")
+        unknown = [r for r in carrying if r.info.run_id not in protocols]
+        for run in unknown:
+            labels[run.info.run_id] = "unknown"
+        if unknown:
+            names = ", ".join(_name(r) for r in unknown)
+            print(f"warning: {family}/* of {names}: protocol unknown (logged before provenance was recorded)")
+        first = next(iter(protocols), None)
+        other = next((i for i in protocols if protocols[i] != protocols[first]), None)
+        if other is not None and not allow_mixed:
+            named = {r.info.run_id: _name(r) for r in carrying}
+            differences = protocol_differences(protocols[first], protocols[other])
+            shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+            raise UserError(
+                f"{family}/* of runs {named[first]!r} and {named[other]!r} come from different GenEval protocols "
+                f"({shown}); pass --allow_mixed_protocols true to compare them anyway"
+            )
+    return labels
+
+
+def _name(run) -> str:
+    return run.info.run_name or run.info.run_id[:8]
+
+
 def _format(key: str, value) -> str:
     """Markdown cell: parameter counts in M/B, other large numbers (FLOPs) with SI prefixes, short run ids."""
     if value is None:
@@ -112,6 +159,7 @@ def compare(
     out: str = "outputs/compare",
     maximize: bool = True,
     log_mlflow: bool = True,
+    allow_mixed_protocols: bool = False,
 ) -> list[dict]:
     """Table of an experiment's runs (CSV + markdown) and a quality-vs-activated-parameters plot with its Pareto front.
 
@@ -123,6 +171,8 @@ def compare(
         out: Output folder for compare.csv, compare.md and compare.png.
         maximize: Higher metric is better (false for e.g. fidelity/lpips).
         log_mlflow: Log the outputs to a new "compare" run in the experiment.
+        allow_mixed_protocols: Put GenEval numbers of different protocols (prompts, detector, colour model,
+            thresholds, images per prompt, sampler) in one table; refused by default.
     """
     import mlflow
 
@@ -144,10 +194,14 @@ def compare(
     if not runs:
         raise UserError(f"experiment {experiment!r}: no run has the metric {metric!r}")
     columns = _columns(runs, metric)
+    protocols = _protocols(runs, allow_mixed_protocols)
     rows = [
-        {"run": r.info.run_name or r.info.run_id[:8], "run_id": r.info.run_id, **{k: _value(r, k) for k in columns}}
+        {"run": _name(r), "run_id": r.info.run_id, **{k: _value(r, k) for k in columns}}
         for r in sorted(runs, key=lambda r: r.info.start_time or 0)
     ]
+    if protocols:
+        for row in rows:
+            row["protocol"] = protocols.get(row["run_id"])
     plotted = [r for r in rows if r.get(ACTIVATED) is not None and math.isfinite(r[metric])]
     if not plotted:
         raise UserError(f"experiment {experiment!r}: no run with {metric!r} also has {ACTIVATED!r} (evaluate logs it)")
@@ -158,7 +212,7 @@ def compare(
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = ["run", "run_id", *columns, "pareto"]
+    header = ["run", "run_id", *columns, *(["protocol"] if protocols else []), "pareto"]
     with (out_dir / "compare.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()

@@ -62,11 +62,22 @@ def score_folder(out: str | Path, detector: str = "shapes", scorer=None, batch_s
         task = progress.add_task("score", total=len(samples))
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            verdicts = scorer(_load_images([path for _, _, path in chunk]), [meta for _, meta, _ in chunk])
+            verdicts = _score_chunk(scorer, chunk)
             for (filename, meta, _), (correct, reason, detections) in zip(chunk, verdicts):
                 records.append(result_record(filename, meta, correct, reason, detections))
             progress.advance(task, len(chunk))
     return records, summarize(records)
+
+
+def _score_chunk(scorer, chunk: list[tuple[str, dict, Path]]) -> list[tuple[bool, str, dict]]:
+    """``scorer`` on a batch; a ValueError (e.g. a NaN detection) is raised again naming the image it came from."""
+    try:
+        return scorer(_load_images([path for _, _, path in chunk]), [meta for _, meta, _ in chunk])
+    except ValueError as err:
+        if len(chunk) == 1:
+            raise ValueError(f"image {chunk[0][0]}: {err}") from err
+    # Rare: find the broken image by scoring the batch one image at a time.
+    return [verdict for sample in chunk for verdict in _score_chunk(scorer, [sample])]
 
 
 def clip_score_folder(out: str | Path, clip, batch_size: int = 32) -> tuple[list[dict], dict]:
@@ -160,6 +171,7 @@ def evaluate(
     tracking_uri: str | None = None,
     log_mlflow: bool = True,
     threads: int | None = None,
+    geneval_results: str | None = None,
 ) -> dict:
     """Generate images for a prompt set with a model and score them (GenEval rules, CLIP score, fidelity).
 
@@ -200,7 +212,14 @@ def evaluate(
         tracking_uri: MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
         log_mlflow: Log metrics and artifacts to MLflow.
         threads: torch CPU threads (default: torch's choice).
+        geneval_results: Only check agreement, generate nothing: a folder already scored by GenEval's own
+            evaluate_images.py (its results.jsonl, or the file itself). Prints GenEval's summary next to ours,
+            re-decided from the detections GenEval kept, and the agreement per task.
     """
+    if geneval_results is not None:
+        from evaluation.geneval_agreement import check_geneval_results
+
+        return check_geneval_results(geneval_results)
     if threads:
         torch.set_num_threads(threads)
     flux = transformer is not None or is_flux_pipeline(model)
@@ -234,6 +253,12 @@ def evaluate(
     else:
         generator, info, cost = _shapes_generator(model, image_size, steps or 20, cfg_scale, shift, top_k, target)
     info["prompt_set"] = prompt_set
+    provenance = None
+    if detector != "none":
+        provenance = _provenance(
+            detector, detector_model, (clip_model, clip_pretrained, clip), scorer, prompt_set, metadata,
+            images_per_prompt, seed, info, target,
+        )  # fmt: skip
     started = time.perf_counter()
     batch = batch_size or (4 if flux else 64)
     generated = generate_images(generator, metadata, out_dir, images_per_prompt, batch, seed, info)
@@ -246,6 +271,8 @@ def evaluate(
 
     records, summary = _score(out_dir, detector, scorer, clip if clip_score else None, reference, target)
     summary["cost"] = cost
+    if provenance is not None:
+        summary["provenance"] = provenance
     if generated:
         summary["latency"] = {"generate_s_per_image": seconds / generated}
     if records:
@@ -279,6 +306,45 @@ def _score(out_dir: Path, detector: str, scorer, clip, reference: str | None, de
 
         summary["fidelity"] = fidelity_folders(out_dir, reference, device)
     return records, summary
+
+
+def _provenance(
+    detector, detector_model, clip_spec, scorer, prompt_set, metadata, images_per_prompt, seed, info, device
+):
+    """The protocol behind this run's GenEval number (`evaluation.provenance`); hashes the scoring weights."""
+    from evaluation import provenance
+
+    if detector == "shapes":
+        from evaluation import shapes_detector
+
+        detector_id, detector_hash = "shapes-classical", provenance.source_sha256(shapes_detector)
+        colour_id = colour_hash = None  # the classical detector names colours itself
+    else:
+        clip_model, clip_pretrained, clip = clip_spec
+        detector_id = detector_model
+        detector_hash = provenance.hub_or_folder_sha256(detector_model, scorer.model)
+        colour_id = f"{clip_model} ({clip_pretrained})"
+        colour_hash = provenance.clip_weights_sha256(clip_model, clip_pretrained, clip.model)
+    rules = provenance.rules_record(**(scorer.filter if scorer is not None else {}))
+    sampler_keys = ("steps", "cfg_scale", "guidance", "shift", "image_size", "height", "width", "max_sequence_length")
+    sampler = {k: info[k] for k in (*sampler_keys, "dtype") if k in info}
+    return provenance.geneval_provenance(
+        prompts=provenance.prompts_record(prompt_set, metadata),
+        detector=detector_id,
+        detector_weights_sha256=detector_hash,
+        colour_model=colour_id,
+        colour_weights_sha256=colour_hash,
+        rules=rules,
+        images_per_prompt=images_per_prompt,
+        sampler=sampler,
+        sources={
+            "prompts": prompt_set,
+            "seed": seed,
+            "model": info.get("model"),
+            "transformer": info.get("transformer"),
+        },
+        device=device,
+    )
 
 
 def _shapes_generator(
@@ -326,10 +392,21 @@ def _flux_generator(model, transformer, dtype, device, height, width, steps, gui
         "height": height,
         "width": width,
         "max_sequence_length": generator.max_sequence_length,
+        "shift": _flux_shift(pipeline.scheduler.config),
         "top_k": top_k,
         "dtype": str(pipeline.transformer.dtype).removeprefix("torch."),
     }
     return generator, info, cost
+
+
+def _flux_shift(config) -> str | float:
+    """The sampling schedule's shift as FluxPipeline applies it: dynamic (mu from the image tokens) or fixed."""
+    if config.get("use_dynamic_shifting"):
+        return (
+            f"dynamic mu: base_shift {config.get('base_shift')} at {config.get('base_image_seq_len')} tokens, "
+            f"max_shift {config.get('max_shift')} at {config.get('max_image_seq_len')} tokens"
+        )
+    return float(config.get("shift", 1.0))
 
 
 def _extra_lines(summary: dict) -> list[str]:
@@ -371,6 +448,11 @@ def _log_to_mlflow(summary, records, out_dir, experiment_name, run_name, trackin
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params({k: v for k, v in info.items() if v is not None})
         mlflow.log_metrics(metrics_of(summary))
+        if "provenance" in summary:
+            from evaluation.provenance import mlflow_tags
+
+            mlflow.set_tags(mlflow_tags(summary["provenance"]))
+            mlflow.log_dict(summary["provenance"], "provenance.json")
         mlflow.log_artifact(str(out_dir / "summary.json"))
         mlflow.log_text(_task_table(summary), "geneval_tasks.md")
         grid = failure_grid(records, out_dir)

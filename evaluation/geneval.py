@@ -1,15 +1,19 @@
 """GenEval's scoring rules as pure functions of prompt metadata and per-class detections.
 
-Reproduces the semantics of GenEval (Ghosh et al., NeurIPS 2023 D&B; djghosh13/geneval
+Reproduces the decisions of GenEval (Ghosh et al., NeurIPS 2023 D&B; djghosh13/geneval
 ``evaluation/evaluate_images.py`` and ``summary_scores.py``) without its detector, so the same rules score the
 embedded shapes world (classical detector) and real COCO images (Mask2Former + CLIP colour classifier):
 
 - detections per class: score > 0.3 (> 0.9 for the counting task), at most 16 per class, NMS off by default;
-- include clauses must all hold: at least ``count`` detections of the class (the first ``count`` by score are
-  "found"), of the right colour if one is asked, and in the right relation to every found object of the group
-  that ``position`` points to; exclude clauses fail when there are ``count`` or more detections (so "exactly n"
-  is include n + exclude n+1);
+- include clauses must all hold: at least ``count`` detections of the class (the first ``count`` in GenEval's
+  ranking are "found"), of the right colour if one is asked, and in the right relation to every found object of the
+  group that ``position`` points to; exclude clauses fail when there are ``count`` or more detections (so "exactly
+  n" is include n + exclude n+1);
 - score: per-task accuracy over images; overall = unweighted mean of the task accuracies.
+
+The numerics are GenEval's, not nicer ones (float32 thresholds and positions, numpy 1.23's argsort tie order):
+see `evaluation.geneval_numerics` for what they are and why. Given the same detections, every verdict equals
+GenEval's; failure reasons equal its strings except that a list of relations is sorted.
 
 A detection is a dict: {"box": [x1, y1, x2, y2] (pixels), "score": float, "color": str | None, optional "mask"}.
 Colours are attached by the caller before `evaluate_detections` (GenEval classifies the box crop with CLIP).
@@ -23,6 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.geneval_numerics import box_iou, float32_rows, geneval_order
+from evaluation.geneval_numerics import relative_position as _relative_position
+
 Detection = dict[str, Any]
 
 THRESHOLD = 0.3
@@ -30,19 +37,9 @@ COUNTING_THRESHOLD = 0.9
 MAX_OBJECTS = 16
 NMS_THRESHOLD = 1.0
 POSITION_THRESHOLD = 0.1
+"""GenEval's ``position_threshold``: the margin, as a fraction of the two box sizes, removed from centre offsets."""
 # GenEval's colour vocabulary, in the order its failure reasons list colour counts.
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-
-
-def box_iou(box_a: list[float], box_b: list[float]) -> float:
-    """IoU with GenEval's inclusive-pixel convention (width = x2 - x1 + 1), used only by its optional NMS."""
-
-    def area(box: list[float]) -> float:
-        return max(box[2] - box[0] + 1, 0) * max(box[3] - box[1] + 1, 0)
-
-    inter = area([max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]), min(box_a[3], box_b[3])])
-    union = area(box_a) + area(box_b) - inter
-    return inter / union if union else 0.0
 
 
 def filter_detections(
@@ -53,44 +50,33 @@ def filter_detections(
     max_objects: int = MAX_OBJECTS,
     nms_iou: float = NMS_THRESHOLD,
 ) -> dict[str, list[Detection]]:
-    """GenEval's per-class filtering: sort by score, threshold, cap, greedy NMS; empty classes are dropped."""
-    min_score = counting_threshold if tag == "counting" else threshold
+    """GenEval's per-class filtering: rank, threshold, cap, greedy NMS; empty classes are dropped.
+
+    Ranking, threshold and NMS follow GenEval's numerics (`evaluation.geneval_numerics`): float32 scores compared
+    with a float32 threshold (a score exactly at it fails), ties in ``np.argsort(scores)[::-1]`` order, the cap
+    applied after the threshold. The kept detection dicts are the input ones (positions and results.jsonl round them
+    to float32 again); a NaN score or box raises ValueError naming the class.
+    """
+    min_score = np.float32(counting_threshold if tag == "counting" else threshold)
     kept = {}
     for cls, detections in raw.items():
-        ranked = sorted(detections, key=lambda d: d["score"], reverse=True)
-        queue = [d for d in ranked if d["score"] > min_score][:max_objects]
+        rows_N5 = float32_rows(detections, where=f"class {cls!r}: ")
+        ranked = [i for i in geneval_order(rows_N5[:, 4]) if rows_N5[i, 4] > min_score][:max_objects]
         survivors = []
-        while queue:
-            best = queue.pop(0)
+        while ranked:
+            best = ranked.pop(0)
             survivors.append(best)
             # nms_iou == 1 switches NMS off (GenEval's default), even for identical boxes.
             if nms_iou != 1:
-                queue = [d for d in queue if box_iou(best["box"], d["box"]) < nms_iou]
+                ranked = [i for i in ranked if box_iou(rows_N5[best], rows_N5[i]) < nms_iou]
         if survivors:
-            kept[cls] = survivors
+            kept[cls] = [detections[i] for i in survivors]
     return kept
 
 
 def relative_position(a_box: list[float], b_box: list[float], margin: float = POSITION_THRESHOLD) -> set[str]:
-    """Relations of box A to box B: centre offset shrunk by margin·(A size + B size) per axis, then normalised."""
-    boxes = np.asarray([a_box[:4], b_box[:4]], dtype=np.float64).reshape(2, 2, 2)  # (box, corner, xy)
-    centre_a, centre_b = boxes.mean(axis=1)
-    dim_a, dim_b = np.abs(boxes[:, 1] - boxes[:, 0])
-    offset = centre_a - centre_b
-    revised = np.maximum(np.abs(offset) - margin * (dim_a + dim_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    relations = set()
-    if dx < -0.5:
-        relations.add("left of")
-    if dx > 0.5:
-        relations.add("right of")
-    if dy < -0.5:
-        relations.add("above")
-    if dy > 0.5:
-        relations.add("below")
-    return relations
+    """Relations of box A to box B (left of / right of / above / below), in GenEval's float32 arithmetic."""
+    return _relative_position(a_box, b_box, margin)
 
 
 def _colour_counts(colors: list[str | None]) -> str:
@@ -157,10 +143,11 @@ def _check_relation(
 def result_record(
     filename: str, metadata: dict, correct: bool, reason: str, detections: dict[str, list[Detection]]
 ) -> dict:
-    """One line of GenEval's results.jsonl; details holds [x1, y1, x2, y2, score] per kept detection."""
-    details = {
-        cls: [[float(v) for v in d["box"]] + [float(d["score"])] for d in dets] for cls, dets in detections.items()
-    }
+    """One line of GenEval's results.jsonl; details holds [x1, y1, x2, y2, score] per kept detection.
+
+    Values are the float32 numbers GenEval writes (its ``box.tolist()`` of mmdet's float32 rows).
+    """
+    details = {cls: float32_rows(dets).tolist() for cls, dets in detections.items()}
     return {
         "filename": filename,
         "tag": metadata["tag"],

@@ -7,9 +7,10 @@ of ``evaluation/geneval.py``:
   and its score is class probability × mean mask probability; then per class: sort, score > 0.3 (> 0.9 for
   counting), at most 16, NMS off (``filter_detections``);
 - colour, only where a clause asks for one and enough objects were found: each of the top-``count`` detections is
-  composited over a #999 background through its instance mask, cropped to its box and classified zero-shot among
-  GenEval's 10 colours with its three templates (per colour: text embeddings normalised, averaged, renormalised;
-  prediction: argmax of image · text);
+  composited over a #999 background through its instance mask (PIL ``Image.composite``), cropped with PIL's ``crop``
+  of its float32 box (PIL rounds each coordinate half to even) and classified zero-shot among GenEval's 10 colours
+  with its three templates (per colour: text embeddings normalised, averaged, renormalised; prediction: argmax of
+  image · text);
 - verdict and results.jsonl line: ``evaluate_detections`` and ``result_record``, as for the shapes world.
 
 Differences from GenEval's mmdet setup are listed in evaluation/README.md. Legend: N instances or crops, H, W image
@@ -105,7 +106,10 @@ def instances_to_detections(
     """Instances of ``post_process_instance_segmentation(..., return_binary_maps=True)`` → detections per class.
 
     ``segments[j]`` ({"label_id", "score"}) describes ``masks_NHW[j]``; labels outside GenEval's classes and empty
-    masks are dropped; each class's detections come best score first.
+    masks are dropped (mmdet gives an empty mask a zero box and a zero score, which the threshold drops too).
+    Classes come in GenEval's vocabulary order (the order of its per-class arrays and of results.jsonl's details);
+    within a class, detections keep the detector's order, because GenEval's ``np.argsort`` ranks them from that
+    order and ties depend on it.
     """
     if not segments:
         return {}
@@ -119,9 +123,7 @@ def instances_to_detections(
         if cls is None or box is None:
             continue
         detections.setdefault(cls, []).append({"box": box, "score": float(segment["score"]), "mask": mask_HW})
-    for found in detections.values():
-        found.sort(key=lambda d: d["score"], reverse=True)
-    return detections
+    return {cls: detections[cls] for cls in GENEVAL_CLASSES if cls in detections}
 
 
 def load_detector(name_or_path: str = DEFAULT_DETECTOR, device: str = "cpu"):
@@ -174,12 +176,16 @@ class ColorClassifier:
         return self._text_CD[cls]
 
     def crop(self, image_HW3: np.ndarray, detection: Detection) -> Image.Image:
+        """GenEval's ``ImageCrops``: the instance over a #999 canvas through its mask, then PIL's crop of the box."""
+        image = Image.fromarray(image_HW3).convert("RGB")
         mask_HW = detection.get("mask")
         if mask_HW is not None:
-            image_HW3 = np.where(mask_HW[..., None], image_HW3, np.asarray(self.background, dtype=np.uint8))
-        # PIL rounds float crop boxes; done explicitly here.
-        x1, y1, x2, y2 = (int(round(v)) for v in detection["box"][:4])
-        return Image.fromarray(image_HW3).crop((x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)))
+            if tuple(mask_HW.shape) != image.size[::-1]:
+                raise ValueError(f"mask shape {tuple(mask_HW.shape)} does not match image size {image.size[::-1]}")
+            blank = Image.new("RGB", image.size, color=self.background)
+            image = Image.composite(image, blank, Image.fromarray(np.asarray(mask_HW, dtype=bool)))
+        # mmdet's box is a float32 row; PIL rounds it (half to even) to whole pixels, as in GenEval.
+        return image.crop(tuple(float(v) for v in np.asarray(detection["box"][:4], dtype=np.float32)))
 
     def classify(self, image_HW3: np.ndarray, detections: list[Detection], cls: str) -> list[str]:
         """The colour of each detection of class ``cls``."""

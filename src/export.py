@@ -244,6 +244,18 @@ def _num(value: float | None) -> str:
     return f"{value:.4g}"
 
 
+def _protocol_lines(summary: dict[str, Any]) -> list[str]:
+    """The GenEval protocol behind the card's GenEval numbers (evaluation/provenance.py), or a note that it is unknown."""
+    if "provenance" in summary:
+        from evaluation.provenance import format_provenance
+
+        return ["GenEval protocol (comparable only with numbers of the same protocol):", "",
+                *format_provenance(summary["provenance"]), ""]  # fmt: skip
+    if any("geneval" in key for key in summary):
+        return ["GenEval protocol: unknown (this report predates provenance records).", ""]
+    return []
+
+
 def model_card(model: nn.Module, base: str | None, source: str, summary: dict[str, Any] | None) -> str:
     """README.md text: HF front matter, layout, parameter accounting, evaluation, usage."""
     from src.models.accounting import count_params
@@ -281,6 +293,7 @@ def model_card(model: nn.Module, base: str | None, source: str, summary: dict[st
     lines += ["## Evaluation", ""]
     if summary:
         lines += ["From the run's end-of-fit report (`report/summary.json`):", "", *_evaluation_rows(summary), ""]
+        lines += _protocol_lines(summary)
     else:
         lines += ["No evaluation of this exact student was found next to it.", ""]
     pipeline_id = base or "<FluxPipeline folder or hub id>"

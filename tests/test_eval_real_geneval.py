@@ -1,5 +1,6 @@
 """Real GenEval path offline: tiny FluxPipeline → tiny Mask2Former → tiny CLIP colours → GenEval rules → MLflow."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -130,6 +131,17 @@ def test_real_geneval_end_to_end_offline(workdir, assets, capsys):
     assert set(summary["clip_score"]["tasks"]) == set(summary["tasks"])
     assert 0 <= summary["clip_score"]["clip_score"] <= 100
     assert summary["cost"]["params/activated"] == summary["cost"]["params/total"] > 0
+    provenance = summary["provenance"]
+    protocol = provenance["protocol"]
+    assert protocol["prompts_sha256"] == hashlib.sha256(assets["prompts"].read_bytes()).hexdigest()
+    assert (protocol["prompts_count"], protocol["images_per_prompt"], protocol["sampler.steps"]) == (4, 2, 2)
+    assert (
+        protocol["detector_weights_sha256"]
+        == hashlib.sha256((assets["detector"] / "model.safetensors").read_bytes()).hexdigest()
+    )
+    assert protocol["colour_weights_sha256"] == hashlib.sha256(Path(assets["clip"][3]).read_bytes()).hexdigest()
+    assert {"sampler.guidance", "sampler.shift", "sampler.height", "counting_threshold", "seed_rule"} <= set(protocol)
+    assert provenance["sources"]["detector"] == str(assets["detector"]) and provenance["environment"]["device"] == "cpu"
     assert "Overall score (avg. over tasks)" in capsys.readouterr().out
 
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -139,7 +151,8 @@ def test_real_geneval_end_to_end_offline(workdir, assets, capsys):
     assert {"geneval/colors", "clip_score", "clip_score/colors", "params/activated", "flops"} <= set(metrics)
     assert "latency/generate_s_per_image" in metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"summary.json", "geneval_tasks.md"} <= artifacts
+    assert {"summary.json", "geneval_tasks.md", "provenance.json"} <= artifacts
+    assert run.data.tags["dense2moe.geneval_protocol_id"] == provenance["protocol_id"]
     if not all(r["correct"] for r in records):
         assert "worst_failures.png" in artifacts
 
@@ -229,3 +242,55 @@ def test_summary_matches_geneval_summary_scores(tmp_path):
     assert ours["overall"] == pytest.approx(reference["overall"])
     assert (ours["images"], ours["prompts"]) == (reference["images"], reference["prompts"])
     assert ours["correct_prompts"] == pytest.approx(reference["correct_prompts"])
+
+
+def test_colour_crop_is_genevals_mask_composite_over_999_then_pil_rounded_crop():
+    from evaluation.real_geneval import ColorClassifier
+
+    image_HW3 = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
+    mask_HW = np.zeros((10, 12), dtype=bool)
+    mask_HW[3:5, 4:7] = True
+    crops = ColorClassifier(clip=None)
+    # float32 box; PIL rounds half to even: 2.5 → 2, 1.5 → 2, 7.5 → 8, 6.5 → 6.
+    crop = np.asarray(crops.crop(image_HW3, {"box": [2.5, 1.5, 7.5, 6.5], "score": 0.9, "mask": mask_HW}))
+    assert crop.shape == (4, 6, 3)
+    expected = np.where(mask_HW[..., None], image_HW3, np.uint8(153))[2:6, 2:8]
+    assert np.array_equal(crop, expected)
+    assert (crop[0] == 153).all() and np.array_equal(crop[1, 2:5], image_HW3[3, 4:7])
+    # Without a mask the plain image is cropped.
+    plain = np.asarray(crops.crop(image_HW3, {"box": [0.0, 0.0, 3.0, 2.0], "score": 0.9}))
+    assert np.array_equal(plain, image_HW3[:2, :3])
+
+
+def test_colours_are_classified_on_the_top_count_kept_detections_only():
+    from evaluation.geneval import filter_detections
+    from evaluation.real_geneval import ColorClassifier
+
+    seen = []
+
+    class Recorder(ColorClassifier):
+        def classify(self, image_HW3, detections, cls):
+            seen.append([d["score"] for d in detections])
+            return ["red"] * len(detections)
+
+    dets = [{"box": [0, 0, 2, 2], "score": s} for s in (0.5, 0.9, 0.2, 0.7)]
+    md = {"tag": "color_attr", "include": [{"class": "cup", "count": 2, "color": "red"}, {"class": "dog", "count": 1}]}
+    kept = filter_detections({"cup": dets}, "color_attr")
+    Recorder(clip=None).attach(np.zeros((4, 4, 3), np.uint8), md, kept)
+    assert seen == [[0.9, 0.7]]
+    assert [d.get("color") for d in kept["cup"]] == ["red", "red", None]
+
+
+def test_instances_come_in_genevals_vocabulary_order_and_the_detectors_order():
+    from evaluation.real_geneval import GENEVAL_CLASSES, instances_to_detections
+
+    labels = {0: "person", 1: "dog", 2: "cup"}
+    masks_NHW = np.zeros((4, 6, 6), dtype=bool)
+    for j in range(4):
+        masks_NHW[j, j : j + 2, j : j + 2] = True
+    segments = [{"label_id": 2, "score": 0.4}, {"label_id": 1, "score": 0.8}, {"label_id": 2, "score": 0.9},
+                {"label_id": 0, "score": 0.6}]  # fmt: skip
+    detections = instances_to_detections(segments, masks_NHW, labels)
+    assert list(detections) == sorted(detections, key=GENEVAL_CLASSES.index) == ["person", "dog", "cup"]
+    assert [d["score"] for d in detections["cup"]] == [0.4, 0.9]  # not re-sorted: GenEval's argsort ranks them
+    assert detections["cup"][1]["box"] == [2.0, 2.0, 4.0, 4.0]

@@ -20,7 +20,11 @@ def test_shapes_world_evaluate_defaults_to_heldout_prompts_and_shapes_detector(w
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["detector"] == "shapes" and summary["images"] == 6
-    assert set(summary) >= {"overall", "tasks", "cost", "latency"}
+    assert set(summary) >= {"overall", "tasks", "cost", "latency", "provenance"}
+    protocol = summary["provenance"]["protocol"]
+    assert protocol["prompts_count"] == 3 and protocol["images_per_prompt"] == 2 and protocol["sampler.steps"] == 1
+    assert protocol["detector_weights_sha256"].startswith("source:") and protocol["threshold"] == 0.3
+    assert summary["provenance"]["sources"]["detector"] == "shapes-classical"
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 6 and json.loads(lines[0])["tag"] == "single_object"
     assert json.loads((out / "generation.json").read_text())["images_per_prompt"] == 2
@@ -33,8 +37,10 @@ def test_shapes_world_evaluate_defaults_to_heldout_prompts_and_shapes_detector(w
         run.data.metrics
     )
     assert run.data.params["steps"] == "1" and run.data.params["detector"] == "shapes"
+    assert run.data.tags["dense2moe.geneval_protocol_id"] == summary["provenance"]["protocol_id"]
+    assert json.loads(run.data.tags["dense2moe.geneval_protocol"]) == protocol
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"summary.json", "geneval_tasks.md"} <= artifacts
+    assert {"summary.json", "geneval_tasks.md", "provenance.json"} <= artifacts
     if not all(json.loads(line)["correct"] for line in lines):
         assert {"worst_failures.png", "worst_failures.txt"} <= artifacts
 
