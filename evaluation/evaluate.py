@@ -28,8 +28,8 @@ from evaluation.geneval import format_summary, result_record, summarize, write_r
 from evaluation.real_geneval import DEFAULT_DETECTOR
 from src.errors import UserError
 
-DETECTORS = ("shapes", "geneval", "none")
-METRIC_PREFIX = {"shapes": "geneval_shapes", "geneval": "geneval"}
+DETECTORS = ("shapes", "glyphs", "geneval", "none")
+METRIC_PREFIX = {"shapes": "geneval_shapes", "glyphs": "geneval_glyphs", "geneval": "geneval"}
 
 
 def _progress(label: str, total: int) -> Progress:
@@ -49,10 +49,12 @@ def score_folder(out: str | Path, detector: str = "shapes", scorer=None, batch_s
     if detector not in METRIC_PREFIX:
         raise UserError(f"detector={detector!r}: allowed {', '.join(METRIC_PREFIX)}")
     if scorer is None:
-        from evaluation.shapes_detector import evaluate_shapes_image
+        from evaluation.detectors import image_scorer
+
+        judge = image_scorer(detector)
 
         def scorer(images, metadata):
-            return [evaluate_shapes_image(image, meta) for image, meta in zip(images, metadata)]
+            return [judge(image, meta) for image, meta in zip(images, metadata)]
 
     samples = iter_samples(out)
     if not samples:
@@ -179,7 +181,8 @@ def evaluate(
         model: A transformer folder of the shapes world (the teacher, or an exported student), or a diffusers
             FluxPipeline folder / hub id (e.g. a local FLUX.1-dev).
         prompts: "shapes-heldout" (553 held-out compositions, GenEval's task counts), "geneval" (GenEval's 553
-            prompts), or a .txt/.jsonl file. Default: shapes-heldout for the shapes world, geneval for FLUX.
+            prompts), or a .txt/.jsonl file. Default: shapes-heldout for the shapes world, geneval for the glyph
+            world and FLUX.
         out: Output folder in GenEval's layout (default outputs/eval/<model folder name>).
         images_per_prompt: Images per prompt (GenEval uses 4).
         batch_size: Images generated per batch (default 64 shapes world, 4 FLUX).
@@ -195,8 +198,8 @@ def evaluate(
         guidance: FLUX guidance-embedding value (FLUX.1-dev is guidance-distilled: no classifier-free guidance).
         max_sequence_length: FLUX T5 prompt tokens (capped at the tokenizer's limit).
         top_k: Routed experts per token at inference for an MoE model (None = as trained).
-        detector: "shapes" (classical shapes-world detector), "geneval" (Mask2Former + CLIP colours) or "none".
-            Default: shapes for the shapes world, geneval for FLUX.
+        detector: "shapes" / "glyphs" (the classical detectors of the embedded worlds), "geneval" (Mask2Former +
+            CLIP colours) or "none". Default: the model's world (config ``world``), geneval for FLUX.
         detector_model: Mask2Former (COCO instance segmentation) hub id or local folder, for detector=geneval.
         clip_score: Also compute the CLIP score (100 · max(cos, 0), mean over images and per task).
         clip_model: open_clip architecture for colours and CLIP score: a built-in name, a model-config .json,
@@ -223,12 +226,21 @@ def evaluate(
     if threads:
         torch.set_num_threads(threads)
     flux = transformer is not None or is_flux_pipeline(model)
-    detector = detector or ("geneval" if flux else "shapes")
+    world = None if flux else _model_world(model)
+    detector = detector or ("geneval" if flux else world)
     if detector not in DETECTORS:
         raise UserError(f"detector={detector!r}: allowed {', '.join(DETECTORS)}")
     target = resolve_device(device)
-    prompt_set = prompts or ("geneval" if flux else "shapes-heldout")
+    # the glyph world's evaluation set is GenEval's own 553 prompts, unchanged
+    prompt_set = prompts or ("shapes-heldout" if world == "shapes" else "geneval")
     metadata = load_prompt_set(prompt_set, image_size)[:limit]
+    if detector == "glyphs":
+        from src.data.glyphs import check_vocabulary
+
+        try:
+            check_vocabulary(metadata, f"prompt set {prompt_set}")
+        except ValueError as err:
+            raise UserError(str(err)) from None
     out_dir = Path(out or f"outputs/eval/{Path(transformer or model).name}")
     if reference is not None:
         from evaluation.fidelity import check_reference
@@ -319,6 +331,14 @@ def _provenance(
 
         detector_id, detector_hash = "shapes-classical", provenance.source_sha256(shapes_detector)
         colour_id = colour_hash = None  # the classical detector names colours itself
+    elif detector == "glyphs":
+        from evaluation import glyph_detector
+        from src.data import glyphs
+
+        # the detector's "weights" are its code and the world's codebook and palette (src/data/glyphs.py)
+        detector_id = "glyphs-classical"
+        detector_hash = provenance.source_sha256(glyph_detector) + "+" + provenance.source_sha256(glyphs)
+        colour_id = colour_hash = None
     else:
         clip_model, clip_pretrained, clip = clip_spec
         detector_id = detector_model
@@ -345,6 +365,19 @@ def _provenance(
         },
         device=device,
     )
+
+
+def _model_world(model: str) -> str:
+    """The embedded world a transformer folder was trained on (its config's ``world``; shapes when absent)."""
+    from src.data.worlds import DEFAULT_WORLD, check_world
+
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return DEFAULT_WORLD
+    try:
+        return check_world(json.loads(config.read_text()).get("world", DEFAULT_WORLD), f"{config}: world")
+    except (ValueError, AttributeError) as err:
+        raise UserError(f"{config}: {err}") from None
 
 
 def _shapes_generator(

@@ -58,3 +58,27 @@ def test_relative_checkpoint_paths_are_not_mistaken_for_hub_ids(workdir, capsys)
     with pytest.raises(SystemExit):
         main(["evaluate", "--model", "checkpoints/teacher_tiny", "--log_mlflow", "false"])
     assert "checkpoint checkpoints/teacher_tiny: no diffusers config.json" in capsys.readouterr().err
+
+
+def test_a_glyph_world_model_is_judged_on_genevals_prompts_by_the_glyph_detector(workdir, capsys):
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(**TINY_FLUX)
+    model.register_to_config(world="glyphs")
+    model.save_pretrained(workdir / "teacher_glyphs")
+    main(["evaluate", "--model", str(workdir / "teacher_glyphs"), "--limit", "2", "--images_per_prompt", "1",
+          "--steps", "1", "--log_mlflow", "false"])  # fmt: skip
+    summary = json.loads((workdir / "outputs" / "eval" / "teacher_glyphs" / "summary.json").read_text())
+    assert summary["detector"] == "glyphs" and summary["provenance"]["sources"]["detector"] == "glyphs-classical"
+    assert summary["provenance"]["sources"]["prompts"] == "geneval"
+    meta = json.loads((workdir / "outputs" / "eval" / "teacher_glyphs" / "00000" / "metadata.jsonl").read_text())
+    assert meta["prompt"] == "a photo of a bench"  # GenEval's first prompt, unchanged
+
+    (workdir / "prompts.jsonl").write_text(
+        json.dumps({"tag": "single_object", "include": [{"class": "unicorn", "count": 1}], "prompt": "a unicorn"})
+    )
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(workdir / "teacher_glyphs"), "--prompts", str(workdir / "prompts.jsonl"),
+              "--log_mlflow", "false"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "class 'unicorn' is not in the glyph world's vocabulary" in err and "Traceback" not in err
