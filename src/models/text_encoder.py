@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 _WORD_RE = re.compile(r"[a-z0-9]+")
+CACHE_PROMPTS = 8192
+"""Encoded prompts kept in memory (the shapes world has a few thousand; the glyph world millions)."""
 
 
 @dataclass
@@ -74,6 +76,8 @@ class HashTextEncoder(nn.Module):
 
     def _encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         if prompt not in self._cache:
+            if len(self._cache) >= CACHE_PROMPTS:  # the glyph world rarely repeats a prompt: keep the newest
+                del self._cache[next(iter(self._cache))]
             c = self.cfg
             words = tokenize(prompt)[: c.max_tokens]
             tokens_LC = self.pad_C.expand(c.max_tokens, c.dim).clone()
