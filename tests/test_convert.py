@@ -123,7 +123,7 @@ def test_router_inits():
     idx = torch.stack([(layer.w_up[e].t()[:, None, :] == up[None]).all(-1).nonzero()[:, 1] for e in range(12)])
     assert idx.shape == (12, F // 16)
     assert torch.allclose(layer.router.weight, router_centroids(up, idx))
-    zeros = convert_flux_to_moe(dense, ConversionConfig(split="random", locations=["ff"]))
+    zeros = convert_flux_to_moe(dense, ConversionConfig(split="random", locations=["ff"], router_init="zeros"))
     assert torch.count_nonzero(zeros.transformer_blocks[0].ff.router.weight) == 0
 
 
