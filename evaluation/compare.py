@@ -20,10 +20,12 @@ import json
 import math
 from pathlib import Path
 
+from evaluation.bootstrap import Interval
+from evaluation.claims import Claim, decide
 from evaluation.provenance import PROTOCOL_ID_TAG, PROTOCOL_TAG, protocol_differences
 from src.errors import UserError
 
-QUALITY_METRICS = ("geneval/overall", "geneval_shapes/overall", "clip_score")
+QUALITY_METRICS = ("geneval/overall", "geneval_glyphs/overall", "geneval_shapes/overall", "clip_score")
 ACTIVATED = "params/activated"
 _KIND_TAG = "dense2moe.kind"
 _LEADING = ("params/activated", "flops")
@@ -108,6 +110,58 @@ def _protocols(runs: list, allow_mixed: bool) -> dict[str, str]:
     return labels
 
 
+def _teacher_deltas(runs: list, rows: list[dict]) -> list[str]:
+    """Adds "Δ vs teacher" (points, with the run's own paired 95% interval) to fit runs; the column names added."""
+    by_id = {r.info.run_id: r for r in runs}
+    column = "Δ vs teacher [95% CI]"
+    added = False
+    for row in rows:
+        metrics = by_id[row["run_id"]].data.metrics
+        key = next((k for k in metrics if k.startswith("delta/") and k.endswith("/overall")), None)
+        if key is not None and f"{key}/low" in metrics:
+            interval = Interval(metrics[key], metrics[f"{key}/low"], metrics[f"{key}/high"])
+            row[column] = interval.format() + ("" if interval.decided else " (undecided)")
+            added = True
+    return [column] if added else []
+
+
+def _baseline_deltas(client, runs: list, rows: list[dict], baseline: str) -> str:
+    """Adds "Δ vs <baseline>" from per-prompt reports (paired by prompt); refuses an unknown baseline."""
+    import tempfile
+
+    def per_prompt(run) -> dict | None:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(run.info.run_id, "report/per_prompt.json", tmp)
+            except Exception:  # noqa: BLE001 — MLflow raises several kinds for a missing artifact
+                return None
+            return json.loads(Path(path).read_text())
+
+    named = [r for r in runs if _name(r) == baseline]
+    if not named:
+        raise UserError(
+            f"baseline={baseline!r}: no run of that name; runs: {', '.join(sorted({_name(r) for r in runs}))}"
+        )
+    reference = per_prompt(named[-1])
+    if reference is None:
+        raise UserError(f"baseline={baseline!r}: the run has no report/per_prompt.json (a fit run's evaluation)")
+    column = f"Δ vs {baseline} [95% CI]"
+    by_id = {r.info.run_id: r for r in runs}
+    for row in rows:
+        report = per_prompt(by_id[row["run_id"]])
+        if report is None:
+            continue
+        try:
+            result = decide(
+                Claim(row["run"], better="run", worse="baseline"), {"run": [report], "baseline": [reference]}
+            )
+        except ValueError:
+            row[column] = "not paired (other prompts or seed)"
+            continue
+        row[column] = result.delta.format() + ("" if result.delta.decided else " (undecided)")
+    return column
+
+
 def _name(run) -> str:
     return run.info.run_name or run.info.run_id[:8]
 
@@ -160,6 +214,7 @@ def compare(
     maximize: bool = True,
     log_mlflow: bool = True,
     allow_mixed_protocols: bool = False,
+    baseline: str | None = None,
 ) -> list[dict]:
     """Table of an experiment's runs (CSV + markdown) and a quality-vs-activated-parameters plot with its Pareto front.
 
@@ -173,6 +228,9 @@ def compare(
         log_mlflow: Log the outputs to a new "compare" run in the experiment.
         allow_mixed_protocols: Put GenEval numbers of different protocols (prompts, detector, colour model,
             thresholds, images per prompt, sampler) in one table; refused by default.
+        baseline: A run name: every fit run evaluated on the same prompts and noise (same seed) gets a column
+            "Δ vs <baseline>" = its student's GenEval overall minus the baseline's, with the paired bootstrap 95%
+            interval over prompts (from the runs' ``report/per_prompt.json``). Fit runs always get "Δ vs teacher".
     """
     import mlflow
 
@@ -202,6 +260,9 @@ def compare(
     if protocols:
         for row in rows:
             row["protocol"] = protocols.get(row["run_id"])
+    intervals = _teacher_deltas(runs, rows)
+    if baseline is not None:
+        intervals.append(_baseline_deltas(client, runs, rows, baseline))
     plotted = [r for r in rows if r.get(ACTIVATED) is not None and math.isfinite(r[metric])]
     if not plotted:
         raise UserError(f"experiment {experiment!r}: no run with {metric!r} also has {ACTIVATED!r} (evaluate logs it)")
@@ -212,7 +273,7 @@ def compare(
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = ["run", "run_id", *columns, *(["protocol"] if protocols else []), "pareto"]
+    header = ["run", "run_id", *columns, *intervals, *(["protocol"] if protocols else []), "pareto"]
     with (out_dir / "compare.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
@@ -221,7 +282,7 @@ def compare(
         [
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
-            *("| " + " | ".join(_format(k, row[k]) for k in header) + " |" for row in rows),
+            *("| " + " | ".join(_format(k, row.get(k)) for k in header) + " |" for row in rows),
         ]
     )
     (out_dir / "compare.md").write_text(markdown + "\n")

@@ -69,3 +69,36 @@ def test_compare_errors_are_one_clear_line(workdir, capsys):
     log_run("b", **{"geneval/overall": 0.3})
     with pytest.raises(UserError, match="also has 'params/activated'"):
         compare("empty-metrics", out=str(workdir / "x"))
+
+
+def test_compare_shows_intervals_vs_the_teacher_and_a_baseline(workdir, tmp_path):
+
+    import numpy as np
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_experiment("claims")
+    tags = [("single_object", "two_object", "counting", "colors", "position", "color_attr")[i % 6] for i in range(120)]
+    rng = np.random.default_rng(0)
+    teacher = list(rng.binomial(2, 0.8, 120) / 2)
+
+    def fit_run(name, p, seed=0):
+        student = list(rng.binomial(2, p, 120) / 2)
+        report = {"world": "glyphs", "seed": seed, "images_per_prompt": 2, "prompts": [str(i) for i in range(120)],
+                  "tags": tags, "teacher": teacher, "student": student, "fidelity": {"psnr": [30.0] * 120}}  # fmt: skip
+        with mlflow.start_run(run_name=name):
+            mlflow.log_metrics({"params/activated": 1e6, "geneval_glyphs/overall": float(np.mean(student)),
+                                "delta/geneval_glyphs/overall": -0.1, "delta/geneval_glyphs/overall/low": -0.15,
+                                "delta/geneval_glyphs/overall/high": 0.02})  # fmt: skip
+            mlflow.log_dict(report, "report/per_prompt.json")
+
+    fit_run("moe_l", 0.78)
+    fit_run("prune_width", 0.3)
+    fit_run("other_seed", 0.3, seed=1)
+    rows = {r["run"]: r for r in compare("claims", out=str(tmp_path / "c"), baseline="prune_width", log_mlflow=False)}
+    assert rows["moe_l"]["Δ vs teacher [95% CI]"] == "−10.0 [−15.0, +2.0] (undecided)"
+    assert rows["moe_l"]["Δ vs prune_width [95% CI]"].startswith("+")
+    assert "undecided" not in rows["moe_l"]["Δ vs prune_width [95% CI]"]
+    assert rows["prune_width"]["Δ vs prune_width [95% CI]"] == "+0.0 [+0.0, +0.0] (undecided)"
+    assert rows["other_seed"]["Δ vs prune_width [95% CI]"].startswith("not paired")
+    with pytest.raises(UserError, match="baseline='nope': no run of that name"):
+        compare("claims", out=str(tmp_path / "d"), baseline="nope", log_mlflow=False)
