@@ -41,7 +41,7 @@ FLUX_DEV_BLOCK = dict(
     guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
-"""FLUX.1-dev's config without its block counts (DESIGN.md §4)."""
+"""FLUX.1-dev's config without its block counts (docs/design.md §4.3)."""
 
 STAGES = ("taylor", "shared_kd", "moe_kd", "mob_kd")
 

@@ -25,7 +25,7 @@ glibc malloc: temporaries >= 32 MiB (e.g. the gathered T*K x D rows at large T*K
 page-faulted afresh every call, which can cost several x on the gather. The allocator reads its settings at
 process start, so they cannot be set from inside this script; set them in the shell instead:
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 python -m benchmarks.moe_layer ...
-(or LD_PRELOAD jemalloc/tcmalloc). See research/moe-performance.md §2 and §3.5.
+(or LD_PRELOAD jemalloc/tcmalloc). See docs/design.md §7.1 and §7.2.
 """
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -3,8 +3,8 @@
 CLIP score of an image and its prompt = 100 · max(cos(E_img, E_txt), 0), averaged over images (torchmetrics' scale
 of 100 with the per-sample clamp of CLIP-S, Hessel et al. 2021). The default backbone is OpenAI's ViT-L/14 through
 open_clip's ``ViT-L-14-quickgelu`` (the OpenAI weights were trained with QuickGELU; plain ``ViT-L-14`` would build a
-GELU model, DESIGN.md §6.6), with its own preprocessing (resize 224 bicubic, centre crop) and 77-token truncation.
-torchmetrics' CLIPScore is not used: it breaks with transformers 5 (DESIGN.md §6.3). Legend: N images, D embedding.
+GELU model, docs/design.md §8.6), with its own preprocessing (resize 224 bicubic, centre crop) and 77-token truncation.
+torchmetrics' CLIPScore is not used: it breaks with transformers 5 (docs/design.md §8.3). Legend: N images, D embedding.
 """
 
 from __future__ import annotations

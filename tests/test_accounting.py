@@ -52,8 +52,8 @@ def test_flux_dev_total_on_meta():
     assert counts["total"] == 11_901_408_320
     assert counts["activated"] == counts["total"]
     by = counts["by_component"]
-    assert by["ffn"]["total"] == 5_738_858_496  # DESIGN.md §4: FFN-type weights ≈ 5.74B
-    # per-block AdaLN ≈ 3.23B (DESIGN.md §2) plus norm_out's D → 2D
+    assert by["ffn"]["total"] == 5_738_858_496  # docs/design.md §4.3: FFN-type weights ≈ 5.74B
+    # per-block AdaLN ≈ 3.23B (docs/design.md §4.3) plus norm_out's D → 2D
     d = 3072
     assert (
         by["adaln_modulation"]["total"] == 19 * 2 * (d * 6 * d + 6 * d) + 38 * (d * 3 * d + 3 * d) + d * 2 * d + 2 * d
@@ -163,7 +163,7 @@ def test_flux_dev_moe_and_mob_on_meta():
     assert counts["total"] == dense_total + routers
     # 76 layers each skip 10 of 12 experts of width 768
     assert counts["activated"] == dense_total + routers - 76 * 10 * (2 * 3072 * 768 + 768)
-    # DESIGN.md §2: activated ≈ 11.90 − 0.625·5.74 ≈ 8.3B with the AdaLN modulation counted
+    # docs/design.md §2.9: activated ≈ 11.90 − 0.625·5.74 ≈ 8.3B with the AdaLN modulation counted
     assert counts["activated"] == pytest.approx(dense_total - 0.625 * dense_ffn, rel=1e-3)
 
 

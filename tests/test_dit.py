@@ -149,7 +149,7 @@ def test_cfg_applies_only_inside_its_interval():
     assert torch.equal(v, torch.ones_like(v))  # scale 1: no guidance anywhere
 
 
-RECIPE_2_20 = {  # analytic counts (research/dsmoe-recipe.md §1.5) ÷ 2^20, one decimal
+RECIPE_2_20 = {  # analytic counts (docs/design.md §3.3) ÷ 2^20, one decimal
     "dsmoe-s-e16": 33.3,
     "dsmoe-s-e48": 29.7,
     "dsmoe-b-e16": 132.2,

@@ -172,7 +172,7 @@ def test_layouts():
     assert parse_layout("1S12E2A") == (1, 12, 2)
     assert parse_layout("2S48E5A") == (2, 48, 5)
     assert layout_widths(256, 1, 12) == (64, 16)
-    assert layout_widths(12288, 1, 12) == (3072, 768)  # FLUX.1-dev FFN (DESIGN.md §2)
+    assert layout_widths(12288, 1, 12) == (3072, 768)  # FLUX.1-dev FFN (docs/design.md §2.2)
     layer = MoEFeedForward(64, MoEConfig.from_layout("1S12E2A"), ffn_width=256)
     assert (layer.shared_width, layer.expert_width) == (64, 16)
     assert layer.total_width == 256

@@ -17,7 +17,7 @@ def test_flux_dev_moe_l_counts_without_weights(capsys):
     out = run_params(capsys, "flux_dev_moe_l")
     assert out["teacher"]["total"] == 11_901_408_320
     assert set(out) >= {"total", "activated", "activated_without_modulation", "flops"}
-    # 1S12E2A keeps the FFN parameters (+ routers) and activates 1.5 of 4 FFN widths (DESIGN.md §2: ≈ 8.3B)
+    # 1S12E2A keeps the FFN parameters (+ routers) and activates 1.5 of 4 FFN widths (docs/design.md §2.9: ≈ 8.3B)
     assert out["total"] - out["teacher"]["total"] == 12 * 3072 * 76
     assert 8.2e9 < out["activated"] < 8.4e9
     assert out["activated_without_modulation"] < out["activated"] - 3.2e9

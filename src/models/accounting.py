@@ -8,10 +8,10 @@ Components: attention (q/k/v/out projections and q/k norms), ffn (dense FFNs, Mo
 adaln_modulation (the per-block AdaLN linears plus ``norm_out``), embedders (``x_embedder``, ``context_embedder``,
 ``time_text_embed``, the final ``proj_out``), mob_routers, other. The single-stream block's fused ``proj_out``
 is split: its first ``dim`` input columns and its bias are the attention output projection, the rest the MLP
-down-projection (DESIGN.md §4).
+down-projection (docs/design.md §4.2).
 
 Dense2MoE's activated counts for MoE models (MoE-L 5.15B) only fit when the per-block AdaLN modulation is not
-counted (DESIGN.md §2): ``activated_without_modulation`` reports that figure next to ``activated``.
+counted (docs/design.md §2.9): ``activated_without_modulation`` reports that figure next to ``activated``.
 """
 
 from __future__ import annotations

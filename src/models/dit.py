@@ -54,7 +54,7 @@ class DiTConfig:
     dense_activation: str = "silu"
     """Dense FFN activation: "silu" (DSMoE's dense layers), "gelu_tanh" (DiT) or "swiglu" (JiT)."""
     moe: MoEConfig | None = None
-    """Routed FFN layout (shared/routed experts, widths, gate, balancing); None = every FFN dense."""
+    """Routed FFN layout (shared and routed experts, widths, gate, balancing); None = every FFN dense."""
     interleave: bool = True
     """With ``moe``: MoE in blocks 1, 3, 5, … and dense FFNs in between (the recipe); False = MoE everywhere."""
     num_classes: int = 24

@@ -2,7 +2,7 @@
 baselines, and CPU-sized "-mini" versions for the embedded class-conditional shapes world.
 
 Recipe dims, experts, top-k, expert widths and route scales are those of the released configs
-(research/dsmoe-recipe.md §1.5): one shared expert as wide as a routed one, SwiGLU experts, sigmoid gates with
+(docs/design.md §3.3): one shared expert as wide as a routed one, SwiGLU experts, sigmoid gates with
 top-k renormalisation, MoE in every other block, 2D RoPE only (DSMoE) or sin-cos + RoPE (JiT). The recipe's
 code never updates its balancing bias; these presets use the aux-loss-free update (``balance="aux_free"``).
 

@@ -1,12 +1,12 @@
 """Mixture of Blocks (MoB): per-sample routing over groups of consecutive FLUX transformer blocks.
 
-Dense2MoE stage 3 (research/dense2moe-paper.md §5): consecutive blocks form groups of m; a router scores
+Dense2MoE stage 3 (docs/design.md §2.7): consecutive blocks form groups of m; a router scores
 TopK(α·W_x[x, c] + (1−α)·W_y·y, κ) with x, c the image and text tokens at the group input and y the AdaLN
 conditioning (FLUX's ``temb``), so routing is per sample and per denoising step and only κ blocks run.
 The paper leaves open how "κ adjacent blocks" follow from a TopK, how the discrete choice gets gradients, α, m, κ,
 router init and which blocks are grouped: each is a ``MoBConfig`` field with its default documented there.
 
-A skipped block must cost nothing (research/moe-performance.md §5: compute-then-mask saves no time), so each block
+A skipped block must cost nothing (docs/design.md §7.4: compute-then-mask saves no time), so each block
 runs on the sub-batch of samples that chose it (``index_select``) and is written back with ``index_copy``.
 A block no sample chose in a step gets no gradient (DDP needs ``find_unused_parameters=True``).
 

@@ -5,7 +5,7 @@ expert of a quarter of the FFN width, twelve routed experts of 1/16 each, top-2 
 parameters unchanged). The DSMoE recipe (arXiv 2512.01252) uses sigmoid gates, top-k renormalisation, a route
 scale of 2.0-2.5 and DeepSeek-V3's aux-loss-free balancing bias.
 
-Dispatch is the sorted grouped-GEMM pattern (research/moe-performance.md §3.5): the T·K (token, expert)
+Dispatch is the sorted grouped-GEMM pattern (docs/design.md §7.1): the T·K (token, expert)
 pairs are stably sorted by expert, token rows gathered with ``index_select`` (``x[idx]`` has a ~5x slower
 backward on CPU), one grouped matmul per projection, the gate multiplied on the narrow hidden (exact, since
 the down projection is linear without bias), then the combine: the N rows are put back in (token, choice) order

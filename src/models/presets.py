@@ -20,7 +20,7 @@ FLUX_DEV_CONFIG: dict[str, Any] = {
     "guidance_embeds": True,
     "axes_dims_rope": (16, 56, 56),
 }
-"""FLUX.1-dev transformer (11,901,408,320 parameters; DESIGN.md §4)."""
+"""FLUX.1-dev transformer (11,901,408,320 parameters; docs/design.md §4.3)."""
 
 TINY_CONFIG: dict[str, Any] = {
     "patch_size": 1,
@@ -34,7 +34,7 @@ TINY_CONFIG: dict[str, Any] = {
     "guidance_embeds": False,
     "axes_dims_rope": (4, 6, 6),
 }
-"""Tiny FLUX for the shapes world (DESIGN.md §5): hidden 64, 2 double + 4 single blocks, 4×4×3 RGB patches."""
+"""Tiny FLUX for the shapes world (docs/design.md §5.3): hidden 64, 2 double + 4 single blocks, 4×4×3 RGB patches."""
 
 TEACHER_TINY_CONFIG: dict[str, Any] = {
     **TINY_CONFIG,

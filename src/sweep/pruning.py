@@ -1,7 +1,7 @@
 """Pruning from inside a trial's own ``fit`` process, at ``trainer.global_step``.
 
 optuna-integration's Lightning callback reports once per epoch, and an epoch never ends in these step-based stages
-(DESIGN.md §6, pitfall 5), so this callback reports every ``every_n_steps`` optimizer steps. A trial runs in a
+(docs/design.md §8.5), so this callback reports every ``every_n_steps`` optimizer steps. A trial runs in a
 subprocess: the callback opens the study's storage itself, reports the monitored training metric at one step count
 that keeps increasing across the trial's stages, and when the pruner says so records ``pruned_at_step`` on the trial
 and raises ``optuna.TrialPruned``; the sweep driver then tells the study the trial was PRUNED. Multi-objective

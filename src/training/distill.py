@@ -1,4 +1,4 @@
-"""The distillation stages of Dense2MoE as LightningModules (paper §3; DESIGN.md §2).
+"""The distillation stages of Dense2MoE as LightningModules (paper §3; docs/design.md §2).
 
 - ``shared_kd`` (stage 1, enhanced MoE initialisation): the Taylor-initialised student runs with top-k = 0 (shared
   experts only) and is distilled with output loss + block feature loss.
@@ -110,8 +110,26 @@ class StageSpec:
             check_strategy(self.strategy, self.kind)
             check_precision(self.precision)
             check_accumulation(self.accumulate_grad_batches, self.kind)
+            check_extra_trainer(self.extra_trainer)
         except ValueError as err:
             raise ValueError(f"stage {self.name!r}: {err}") from None
+
+
+def check_extra_trainer(extra: dict[str, Any]) -> None:
+    """``extra_trainer`` keys must be ``lightning.Trainer`` arguments; a precision in it obeys the precision policy."""
+    import inspect
+
+    from lightning import Trainer
+
+    accepted = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    for key in extra:
+        if key not in accepted:
+            raise ValueError(f"extra_trainer.{key}: not a lightning.Trainer argument")
+    if "precision" in extra:
+        try:
+            check_precision(str(extra["precision"]))
+        except ValueError as err:
+            raise ValueError(f"extra_trainer.{err}") from None
 
 
 # --- which parameters a stage trains ------------------------------------------------------------------------------
