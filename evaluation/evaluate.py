@@ -242,6 +242,7 @@ def evaluate(
         except ValueError as err:
             raise UserError(str(err)) from None
     out_dir = Path(out or f"outputs/eval/{Path(transformer or model).name}")
+    _check_outputs(out_dir, log_mlflow, tracking_uri)
     if reference is not None:
         from evaluation.fidelity import check_reference
 
@@ -300,6 +301,16 @@ def evaluate(
     if log_mlflow:
         _log_to_mlflow(summary, records, out_dir, experiment_name, run_name or out_dir.name, tracking_uri, info)
     return summary
+
+
+def _check_outputs(out_dir: Path, log_mlflow: bool, tracking_uri: str | None) -> None:
+    """Where the images and the MLflow run go must work before anything is generated."""
+    from src.training.mlflow_logging import check_tracking_uri, resolve_tracking_uri
+    from src.training.teacher import check_writable_dir
+
+    check_writable_dir(str(out_dir), "out")
+    if log_mlflow:
+        check_tracking_uri(resolve_tracking_uri(tracking_uri))
 
 
 def _score(out_dir: Path, detector: str, scorer, clip, reference: str | None, device) -> tuple[list[dict], dict]:

@@ -43,7 +43,17 @@ def load_prompt_set(name_or_path: str, image_size: int = 32) -> list[dict]:
         raise UserError(
             f"prompt set {name_or_path!r}: no such file; allowed: {', '.join(PROMPT_SETS)} or a .txt/.jsonl path"
         )
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix not in (".txt", ".jsonl"):
+        raise UserError(f"prompt file {path}: suffix {path.suffix!r}; allowed .txt (one prompt a line) or .jsonl")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"prompt file {path}: not UTF-8 text (byte {err.start}); expected one prompt a line") from None
+    if "\x00" in text:
+        raise UserError(f"prompt file {path}: holds NUL bytes (a binary file?); expected one prompt a line")
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"prompt file {path}: no prompts in it")
     if path.suffix == ".txt":
         return [{"tag": "custom", "include": [], "prompt": line.strip()} for line in lines]
     metadata = []

@@ -64,14 +64,18 @@ def _experiment_config(argv: list[str]) -> bool:
     return any(is_experiment_config(c) for c in configs)
 
 
-def _run_function(fn: Any, args: list[str]) -> Any:
+def _run_function(fn: Any, args: list[str], paths: tuple[str, ...] = ()) -> Any:
     """Parse ``args`` into ``fn``'s signature (``--config`` files, dot overrides) and call it.
 
-    Building the config objects runs their validation, so a ValueError there is bad input, reported as one line.
+    ``paths``: keys whose relative values, when a config file set them, resolve against that file
+    (src/config_files.py). Building the config objects runs their validation, so a ValueError there is bad input,
+    reported as one line.
     """
     import inspect
 
     from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from src.config_files import resolve_config_paths
 
     parser = ArgumentParser(prog=f"python -m src.cli {getattr(fn, '__name__', '')}", exit_on_error=False)
     if "config" not in inspect.signature(fn).parameters:  # e.g. `params --config X` names the experiment itself
@@ -80,6 +84,7 @@ def _run_function(fn: Any, args: list[str]) -> Any:
     flags = {f"--{n}" for n, p in inspect.signature(fn).parameters.items() if p.annotation in (bool, "bool")}
     args = [a for i, arg in enumerate(args) for a in _bare_flag(arg, args[i + 1 : i + 2], flags)]
     cfg = parser.parse_args(args)
+    resolve_config_paths(cfg, args, paths)
     try:
         init = _instantiate(parser, cfg)
     except ValueError as err:
@@ -134,18 +139,21 @@ def user_facing_error(exc: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import ArgumentError, set_parsing_settings
 
+    from src.config_files import EXPERIMENT_PATHS, check_config_args
+
     # Config dataclasses document each field in a string literal below it: show those in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     try:
+        check_config_args(argv[1:])
         if command in TOOLS:
             _run_tool(command, argv[1:])
         elif command == "fit" and _experiment_config(argv):
             from src.training.experiment import run_experiment
 
-            _run_function(run_experiment, argv[1:])
+            _run_function(run_experiment, argv[1:], EXPERIMENT_PATHS)
         elif command in TRAINER_COMMANDS or command is None or command.startswith("-"):
             _lightning_cli(argv if argv != sys.argv[1:] else None)
         else:

@@ -3,7 +3,7 @@
 DIR gets ``config.json`` + ``diffusion_pytorch_model.safetensors`` (``save_pretrained``; loads with
 ``FluxMoETransformer2DModel.from_pretrained(DIR)`` and drops into ``FluxPipeline(transformer=...)``) and a
 ``README.md`` model card: Hugging Face front matter, the expert layout, MoB groups, total and activated parameters
-with and without the AdaLN modulation (src/models/accounting.py, DESIGN.md §2), and the evaluation of the run when
+with and without the AdaLN modulation (src/models/accounting.py, docs/design.md §2.9), and the evaluation of the run when
 the exported student is the one that run evaluated.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from src.atomic import replaced_folder
 from src.errors import UserError
 
 FLUX_DEV_ID = "black-forest-labs/FLUX.1-dev"
@@ -34,9 +35,12 @@ def export(ckpt: str, out: str, base_model: str | None = None, top_k: int | None
             black-forest-labs/FLUX.1-dev when the architecture is FLUX.1-dev's, else none).
         top_k: Routed experts per token stored in the exported config (default: the trained value).
     """
+    from src.training.teacher import check_writable_dir
+
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"out {out}: exists and is not an empty folder; it is kept untouched — choose a new folder")
+    check_writable_dir(out, "out")
     student, source, summary = load_student(ckpt)
     if top_k is not None:
         from src.models.flux_moe import set_top_k
@@ -46,10 +50,14 @@ def export(ckpt: str, out: str, base_model: str | None = None, top_k: int | None
         except ValueError as err:
             raise UserError(f"top_k: {err}") from None
     base = base_model or _default_base(student)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(out_dir)
-    card = model_card(student, base, source, summary)
-    (out_dir / "README.md").write_text(card)
+    try:  # a full disk or a kill leaves no half-written export
+        with replaced_folder(out_dir) as partial:
+            student.save_pretrained(partial)
+            (partial / "README.md").write_text(model_card(student, base, source, summary))
+    except OSError as err:
+        raise UserError(
+            f"out {out}: writing the export failed ({err.strerror or err}); nothing was left there"
+        ) from None
     from src.models.accounting import count_params
 
     params = count_params(student)

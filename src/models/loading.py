@@ -51,6 +51,7 @@ def load_transformer(path: str | Path, expected: dict[str, Any] | None = None, *
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
         raise UserError(f"checkpoint {path} cannot be loaded: {first}") from None
+    _check_weights_match_config(folder, model)
     if expected:
         wrong = {
             k: (model.config[k], v)
@@ -61,6 +62,30 @@ def load_transformer(path: str | Path, expected: dict[str, Any] | None = None, *
             parts = ", ".join(f"{k}={got!r} (config says {want!r})" for k, (got, want) in wrong.items())
             raise UserError(f"checkpoint {path} does not match the config: {parts}")
     return model
+
+
+def _check_weights_match_config(folder: Path, model: nn.Module) -> None:
+    """config.json and the weights must describe the same model: diffusers leaves tensors the weights lack on the
+    meta device and drops weights the config has no place for."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return
+    saved: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            saved.update(handle.keys())
+    wanted = set(model.state_dict())
+    if saved == wanted:
+        return
+    counts = []
+    for key, prefix in (("num_layers", "transformer_blocks."), ("num_single_layers", "single_transformer_blocks.")):
+        in_weights = len({k.split(".")[1] for k in saved if k.startswith(prefix)})
+        if key in model.config and in_weights != model.config[key]:
+            counts.append(f"{key}={model.config[key]} but the weights hold {in_weights} blocks")
+    detail = "; ".join(counts) or f"e.g. {sorted(saved ^ wanted)[0]!r} is in only one of them"
+    raise UserError(f"checkpoint {folder}: config.json does not match the weights ({detail})")
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from src.config_files import EXPERIMENT_PATHS, HUB_KEYS, resolve_in_config
 from src.errors import UserError
 from src.sweep.spec import VARIANT_PARAM, SweepSpec
 
@@ -139,12 +140,12 @@ def _set(node: Any, segments: list[str], value: Any, path: str) -> None:
 
 # --- building a trial's config -----------------------------------------------------------------------------------
 def resolve_base(path: str, sweep_file: str) -> Path:
-    """An experiment file as given (relative to the working folder), else beside the sweep file."""
+    """An experiment file as given (relative to the working folder), else as a path written in the sweep file:
+    beside it, else under the project root (src/config_files.py)."""
     given = Path(path)
     if given.is_file() or given.is_absolute():
         return given
-    beside = Path(sweep_file).parent / given
-    return beside if beside.is_file() else given
+    return Path(resolve_in_config(path, Path(sweep_file)))
 
 
 @cache
@@ -165,7 +166,17 @@ def is_experiment(config: dict[str, Any]) -> bool:
 
 
 def load_base(path: str, sweep_file: str) -> dict[str, Any]:
-    return copy.deepcopy(_read_base(resolve_base(path, sweep_file)))
+    """The base config, its relative paths made absolute: a trial's config.yaml lives in another folder."""
+    base = resolve_base(path, sweep_file)
+    config = copy.deepcopy(_read_base(base))
+    if is_experiment(config):
+        for key in EXPERIMENT_PATHS:
+            node, *rest = key.split(".")
+            holder = config if not rest else config.get(node)
+            leaf = rest[0] if rest else node
+            if isinstance(holder, dict) and isinstance(holder.get(leaf), str):
+                holder[leaf] = resolve_in_config(holder[leaf], base, may_be_hub_id=key in HUB_KEYS)
+    return config
 
 
 def _stage_default(name: str) -> Any:

@@ -35,7 +35,11 @@ def journal_path(url: str) -> Path:
 def normalize(url: str) -> str:
     """The same storage named so that trial processes (which may run elsewhere in the tree) open it too."""
     if is_journal(url):
-        return f"journal:{journal_path(url).resolve()}"
+        path, raw = journal_path(url), url.removeprefix("journal:").strip()
+        if not raw or path.is_dir():
+            got = "an empty path" if not raw else f"the folder {path}"
+            raise UserError(f"storage {url!r}: a journal needs a file path (journal:path/to/study.journal), got {got}")
+        return f"journal:{path.resolve()}"
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         return f"sqlite:///{Path(url[len('sqlite:///') :]).resolve()}"
     return url

@@ -1,6 +1,6 @@
 """MLflow as the default experiment tracker.
 
-Pitfalls handled here (DESIGN.md §6): MLflow 3.17 refuses the plain file store, so the default is a local SQLite
+Pitfalls handled here (docs/design.md §8.1, §8.2): MLflow 3.17 refuses the plain file store, so the default is a local SQLite
 store; Lightning's ``SaveConfigCallback`` asserts a log_dir that ``MLFlowLogger`` with SQLite doesn't have, so the
 resolved config is logged as an MLflow artifact instead; ``MLFlowLogger`` reads ``MLFLOW_TRACKING_URI`` at import
 time, so the URI is resolved here at construction time.
@@ -23,6 +23,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from src.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+"""SQLAlchemy databases MLflow stores runs in (a ``+driver`` suffix is allowed)."""
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "databricks", "databricks-uc", *DATABASE_SCHEMES)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -46,6 +49,12 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise UserError(f"MLflow tracking URI {uri} is unreachable ({reason}); allowed: {allowed}") from None
+    elif "://" in uri and uri.split("://", 1)[0].split("+", 1)[0] not in TRACKING_SCHEMES:
+        scheme = uri.split("://", 1)[0]
+        raise UserError(
+            f"MLflow tracking URI {uri!r}: unknown scheme {scheme!r}; allowed: {allowed} "
+            f"(or a database URL: {', '.join(DATABASE_SCHEMES)})"
+        )
     elif uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks"):
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
             raise UserError(

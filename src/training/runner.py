@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,6 +26,7 @@ from src.training.callbacks import ExpertLoadCallback, StageProgressBar
 from src.training.conditioning import LatentConditioning, ShapesConditioning, velocity
 from src.training.distill import DistillStage, StageSpec
 from src.training.experiment import Experiment
+from src.training.folder_lock import folder_lock
 from src.training.mlflow_logging import MLflowLogger, check_tracking_uri, resolve_tracking_uri
 from src.training.precision import STUDENT_LOAD_DTYPE
 from src.training.strategies import (
@@ -65,8 +67,9 @@ def _hub_snapshot(repo: str, subfolder: str | None) -> Path:
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - offline, gated, unknown repo: each its own type
         raise UserError(
-            f"teacher.path {repo}: no local folder of that name and the hub cannot provide it ({short_reason(exc)}); "
-            f"download it first (hf download {repo}) and set teacher.path to its folder"
+            f"teacher.path {repo}: no local folder {Path(repo).expanduser().absolute()}, and as a hub id it cannot "
+            f"be fetched ({short_reason(exc)}); set teacher.path to a FluxTransformer2DModel folder (relative paths "
+            "in a config file resolve against its folder or the project root) or to a hub id reachable from here"
         ) from None
 
 
@@ -287,12 +290,9 @@ def run_stage(exp: Experiment, index: int, teacher, student, conditioning, paren
 
 
 def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
-    from src.training.report import evaluate_experiment, evaluate_latents
-
     check_writable_dir(str(exp.output_dir), "output_dir")
     uri = resolve_tracking_uri(exp.tracking_uri)
     check_tracking_uri(uri)
-    exp.output_dir.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(exp)
     if exp.student.mob is not None:
         from src.models.mob import group_spans
@@ -313,6 +313,35 @@ def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
         conditioning = LatentConditioning(exp.teacher.guidance)
     else:
         conditioning = ShapesConditioning(ShapesPipeline(teacher, image_size=exp.data.image_size, sampling=sampling))
+    exp.output_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no folder behind
+    # data-parallel ranks share rank 0's folder; a second command into it is refused
+    with folder_lock(exp.output_dir, "output_dir") if is_main_rank() else contextlib.nullcontext():
+        check_stage_folders(exp, only_stage)  # a refused rerun touches no MLflow run
+        return _run_stages(exp, only_stage, teacher, conditioning, uri)
+
+
+def check_stage_folders(exp: Experiment, only_stage: str | None) -> None:
+    """Stage folders from another configuration, or an ``only_stage`` whose predecessors are unfinished."""
+    for index, spec in enumerate(exp.stages):
+        stage_dir = exp.output_dir / spec.name
+        fp = exp.stage_fingerprint(index)
+        for marker in ("done.json", "stage.json"):
+            path = stage_dir / marker
+            if path.exists() and json.loads(path.read_text())["fingerprint"] != fp:
+                state = "finished" if marker == "done.json" else "started"
+                raise UserError(
+                    f"{stage_dir}: {state} with a different configuration (e.g. another MoE layout or stage "
+                    "order); it is kept untouched — use a new output_dir"
+                )
+        if only_stage == spec.name:
+            return
+        if only_stage is not None and not (stage_dir / "done.json").exists():
+            raise UserError(f"only_stage={only_stage!r}: stage {spec.name!r} before it is not finished yet")
+
+
+def _run_stages(exp: Experiment, only_stage: str | None, teacher, conditioning, uri: str) -> dict[str, Any]:
+    from src.training.report import evaluate_experiment, evaluate_latents
+
     parent = _parent_run(exp, uri) if is_main_rank() else ""
     started = time.perf_counter()
     student_dir: Path | None = None

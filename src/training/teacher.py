@@ -7,7 +7,6 @@ noise → x_t = (1 − σ)·x_0 + σ·ε → velocity prediction → MSE to ε �
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 
+from src.atomic import replaced_folder
 from src.data.worlds import check_world
 from src.errors import UserError
 from src.models.flow import PREDICTION_TYPES, TIMESTEP_SAMPLINGS, sample_sigmas
@@ -25,13 +25,23 @@ from src.training.base import FlowModule
 
 
 def check_writable_dir(path: str, what: str) -> None:
-    """An output folder must be creatable and writable before any work starts."""
-    folder = Path(path)
+    """An output folder must be creatable and writable before any work starts.
+
+    A file is created and removed in the nearest existing folder: permission bits say nothing for root, and a
+    read-only mount only shows when written to.
+    """
+    import tempfile
+
+    folder = Path(path).expanduser().absolute()
     probe = folder
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UserError(f"{what} {path}: not writable (nearest existing folder {probe})")
+    if not probe.is_dir():
+        raise UserError(f"{what} {path}: not writable ({probe} is a file, not a folder)")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as err:
+        raise UserError(f"{what} {path}: not writable (nearest existing folder {probe}: {err.strerror})") from None
 
 
 LR_DECAYS = ("none", "cosine")
@@ -68,6 +78,7 @@ class TeacherModule(FlowModule):
         prediction_type: str = "velocity",
         lr_decay: str = "none",
         world: str = "shapes",
+        overwrite_export: bool = False,
     ) -> None:
         """
         Args:
@@ -92,6 +103,8 @@ class TeacherModule(FlowModule):
                 the trainer's ``max_steps``.
             world: The embedded world it learns ("shapes" or "glyphs"; match the data's). Stored in the exported
                 config, so evaluation, distillation and its students pick the world's prompts and detector.
+            overwrite_export: Replace a teacher already exported to ``export_dir`` (else such a folder is
+                refused before training starts).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -121,6 +134,11 @@ class TeacherModule(FlowModule):
             )
         if export_dir:
             check_writable_dir(export_dir, "export_dir")
+            if (Path(export_dir) / "config.json").exists() and not overwrite_export:
+                raise UserError(
+                    f"export_dir {export_dir}: holds an exported teacher already; it is kept untouched — choose "
+                    "another export_dir or pass --model.init_args.overwrite_export true"
+                )
         self.transformer = (
             load_transformer(init_from, transformer) if init_from else FluxTransformer2DModel(**transformer)
         )
@@ -164,5 +182,6 @@ class TeacherModule(FlowModule):
     def on_fit_end(self) -> None:
         # Lightning's EMA callback has swapped the averaged weights in by now (on_train_end runs first).
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.transformer.save_pretrained(self.hparams.export_dir)
+            with replaced_folder(Path(self.hparams.export_dir)) as partial:  # the old export stays until this is whole
+                self.transformer.save_pretrained(partial)
             print(f"teacher exported to {self.hparams.export_dir}")
