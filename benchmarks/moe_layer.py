@@ -3,9 +3,12 @@
 Prints forward (inference, no grad) and forward+backward times of ``MoEFeedForward`` relative to
 (a) the dense FFN it was converted from (same total width F) and (b) a dense FFN of the activated width
 S·F_s + K·F_e, "the ideal": the same GEMM FLOPs with no routing, gather or combine. Variants run interleaved
-(round robin) after a warm-up; medians are reported. With --pieces it also times the MoE's parts (forward).
+(round robin) after a warm-up; medians are reported. With --pieces it also times the MoE's parts (forward); with
+--expert-choice also the same layer routing by expert choice (one pool of all T tokens, capacity factor 1 by default:
+on average K experts per token, the same activated width).
 
     python -m benchmarks.moe_layer --dim 256 --tokens 4096 --layout 1S12E2A --dtype fp32 --threads 2
+    python -m benchmarks.moe_layer --dim 256 --tokens 4096 --expert-choice --threads 1
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--pieces", action="store_true", help="also time the MoE forward's parts")
+    parser.add_argument("--expert-choice", action="store_true", help="also time the layer with expert-choice routing")
+    parser.add_argument("--capacity-factor", type=float, default=1.0, help="expert choice: C = ceil(factor·T·K/E)")
     parser.add_argument(
         "--target", type=float, default=1.3, help="target MoE / ideal ratio (FLUX dims, bf16 GPU: 1.15)"
     )
@@ -134,6 +139,15 @@ def main() -> None:
         "dense, total width": DenseFFN(args.dim, ffn_width),
         "dense, activated width (ideal)": DenseFFN(args.dim, activated),
     }
+    if args.expert_choice:
+        ec_cfg = MoEConfig.from_layout(
+            args.layout,
+            router_init="normal",
+            routing="expert_choice",
+            balance="none",
+            capacity_factor=args.capacity_factor,
+        )
+        modules["moe, expert choice"] = MoEFeedForward(args.dim, ec_cfg, ffn_width=ffn_width)
     for module in modules.values():
         module.to(device=device, dtype=dtype)
     # The layer keeps its router in the module dtype but always computes it in fp32.
@@ -169,6 +183,14 @@ def main() -> None:
         f"verdict: MoE costs {vs_ideal[0]:.2f}x (fwd) / {vs_ideal[1]:.2f}x (fwd+bwd) the ideal dense FFN; "
         f"{verdict} the <= {target}x target"
     )
+    ec = "moe, expert choice"
+    if args.expert_choice:
+        ec_vs_ideal = [medians[f"{ec}|{p}"] / medians[f"{ideal}|{p}"] for p in ("fwd", "fwd+bwd")]
+        ec_vs_tc = [medians[f"{ec}|{p}"] / medians[f"moe|{p}"] for p in ("fwd", "fwd+bwd")]
+        print(
+            f"expert choice (capacity factor {args.capacity_factor}): {ec_vs_ideal[0]:.2f}x (fwd) / "
+            f"{ec_vs_ideal[1]:.2f}x (fwd+bwd) the ideal dense FFN, {ec_vs_tc[0]:.2f}x / {ec_vs_tc[1]:.2f}x token choice"
+        )
 
     if args.out:
         import json
@@ -182,6 +204,8 @@ def main() -> None:
             "moe_over_dense_total": {"fwd": vs_total[0], "fwd+bwd": vs_total[1]},
             "meets_target": max(vs_ideal) <= target,
         }
+        if args.expert_choice:
+            result["expert_choice_over_ideal"] = {"fwd": ec_vs_ideal[0], "fwd+bwd": ec_vs_ideal[1]}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 

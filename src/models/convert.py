@@ -4,7 +4,8 @@ Every non-FFN weight is copied exactly. An FFN y = W2·gelu_tanh(W1·x + b1) + b
 W1/b1 and the matching columns of W2) plus routed experts (w_up[e] = W1[rows_e]ᵀ, b_up[e] = b1[rows_e],
 w_down[e] = W2[:, rows_e]ᵀ); b2 becomes the layer's output bias. With all experts active and every gate 1 the
 converted model computes the dense function (tests/test_convert.py). A single-stream block's fused proj_out is split
-into the attention output projection (keeping the bias) and the MoE down-projection.
+into the attention output projection (keeping the bias) and the MoE down-projection. Each MoE layer keeps the split in
+its `dense_neurons` buffer (which dense neuron each hidden unit is), so dense LoRAs can be mapped later.
 
 Legend: D model width, F dense FFN width, E routed experts, F_e expert width, S·F_s total shared width.
 """
@@ -26,7 +27,7 @@ from src.models.flux_moe import (
     dense_ffns,
     init_config,
 )
-from src.models.moe import BALANCES, GATES, MoEConfig, layout_widths, parse_layout
+from src.models.moe import BALANCES, GATES, MoEConfig, check_routing, layout_widths, parse_layout
 from src.models.taylor import ASSIGNMENTS, SPLITS, router_centroids, split_neurons
 
 ROUTER_INITS = ("zeros", "normal", "centroids")
@@ -61,6 +62,12 @@ class ConversionConfig:
     """Load balancing: "aux", "aux_free" or "none" (passed to MoEConfig)."""
     aux_loss_weight: float = 1e-2
     """Balance loss weight λ (paper: 0.01; passed to MoEConfig)."""
+    routing: str = "token_choice"
+    """"token_choice" (the paper) or "expert_choice" (each expert takes its top tokens; needs balance="none")."""
+    capacity_factor: float = 1.0
+    """Expert choice: each expert takes ceil(capacity_factor·L·K/E) of a pool's L tokens (passed to MoEConfig)."""
+    pool: str = "batch"
+    """Expert-choice token pool: "batch" (all tokens of a layer call) or "sample" (each sample's tokens)."""
     seed: int = 0
     """Seed of the random split/assignment, k-means init and normal router init."""
 
@@ -90,6 +97,7 @@ class ConversionConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: allowed {list(allowed)}")
+        check_routing(self.routing, self.capacity_factor, self.pool, self.balance)
 
     def moe_config(self, ffn_width: int) -> MoEConfig:
         """The MoE layer config for a dense FFN of width F, widths resolved (ValueError if they don't divide F)."""
@@ -114,6 +122,10 @@ class ConversionConfig:
             balance=self.balance,
             aux_loss_weight=self.aux_loss_weight,
             router_init=self.router_init,
+            routing=self.routing,
+            capacity_factor=self.capacity_factor,
+            pool=self.pool,
+            record_neurons=True,
         )
 
 
@@ -220,6 +232,8 @@ def _moe_state(
         state[prefix + "router.weight"] = router_ED.to(device=device, dtype=w_up_FD.dtype).contiguous()
     if not ffn.fused:
         state[prefix + "out_bias"] = ffn.down.bias.detach().clone()
+    # The split itself, kept with the student: a dense LoRA maps onto the experts' slices even after training.
+    state[prefix + "dense_neurons"] = torch.cat([shared_idx, expert_idx_EF.reshape(-1)]).long()
     return state
 
 

@@ -80,7 +80,8 @@ def _jitmoe(hidden: int, depth: int, heads: int, width: int, context_start: int)
 
 # DiffMoE-style baseline: interleaved E16 full-width (4D) tanh-GELU experts with biases, about one expert per
 # token. DiffMoE itself routes expert-choice over a batch-level token pool with a capacity predictor; this layer
-# is token-choice top-1 with the Switch/GShard aux loss, so only its layout and activated size match.
+# is token-choice top-1 with the Switch/GShard aux loss, so only its layout and activated size match (overriding
+# moe with routing="expert_choice", balance="none" gives DiffMoE's batch pool, without the capacity predictor).
 _DIFFMOE_LAYER = {"num_experts": 16, "top_k": 1, "num_shared": 0, "activation": "gelu_tanh", "balance": "aux"}
 
 

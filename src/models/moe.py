@@ -1,4 +1,4 @@
-"""Mixture-of-Experts feed-forward layer: shared experts plus dropless token-choice top-k routed experts.
+"""Mixture-of-Experts feed-forward layer: shared experts plus top-k routed experts, token or expert choice.
 
 One layer serves both seeds. Dense2MoE (arXiv 2510.09094) converts a dense FFN into "1S12E2A": one shared
 expert of a quarter of the FFN width, twelve routed experts of 1/16 each, top-2 (activated FFN 37.5 %, total
@@ -14,12 +14,25 @@ deterministic on every device (``index_add_`` would use atomics on CUDA). Shapes
 come from a scatter-add and nothing reads a tensor value on the host: no GPU sync, no graph break, except in the
 split-loop fallback (``grouped_mm`` unavailable or widths misaligned).
 
+Expert choice (``routing="expert_choice"``; Zhou et al., arXiv 2202.09368; EC-DiT, arXiv 2410.02098; DiffMoE,
+arXiv 2503.14487): each expert takes the C = min(L, ⌈capacity_factor·L·K/E⌉) tokens of a pool of L with the highest
+scores, so on average a token gets capacity_factor·K experts, some tokens none (they keep the shared experts and the
+output bias) and some up to E. Every expert gets exactly C tokens per pool: balanced by construction, which is why
+it takes no balance loss and no selection bias (``balance`` must be "none"). The picked pairs come out expert-major
+with static counts, so the same gather → grouped matmul → gate dispatch runs; the combine adds each expert's rows
+into an fp32 accumulator with one ``index_add_`` per expert (an expert's tokens are distinct, so no row is written
+twice in one call) in expert order: deterministic on every device. Pools (``pool``): "batch" is every token of the
+call (DiffMoE's batch pool), "sample" the L = x.shape[-2] tokens of each leading index (EC-DiT's per-image pool; a
+2-D input is one sample). Caveat for diffusion: with a batch pool a sample's routing depends on the other samples
+of the batch — CFG's conditional and unconditional halves, the batch size at sampling — which per-sample pools avoid.
+
 Precision: the router computes its logits in fp32 from the input in its own dtype; only the (T, E) logits are
 kept, never an fp32 copy of the (T, D) input (≈ 4 GB per 1024² sample at FLUX.1-dev width across its 95 MoE layers
 would otherwise be held for the backward).
 
 Legend: T tokens (all leading dims flattened), D model width, E routed experts, K top-k, N = T·K
-(token, expert) pairs, S shared experts, F_s shared expert width, F_e routed expert width, H up-projection
+(token, expert) pairs (expert choice: N = E·M), P expert-choice pools, C tokens each expert takes per pool, M = P·C
+tokens each expert takes, S shared experts, F_s shared expert width, F_e routed expert width, H up-projection
 width (F_e, or 2·F_e for SwiGLU), L MoE layers of a model.
 """
 
@@ -38,6 +51,8 @@ ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "swiglu")
 GATES = ("softmax", "sigmoid")
 BALANCES = ("aux", "aux_free", "none")
 ROUTER_INITS = ("zeros", "normal", "centroids")
+ROUTINGS = ("token_choice", "expert_choice")
+POOLS = ("batch", "sample")
 _LAYOUT_RE = re.compile(r"(\d+)S(\d+)E(\d+)A")
 
 
@@ -48,7 +63,8 @@ class MoEConfig:
     num_experts: int = 12
     """Routed experts E (0 = shared experts only)."""
     top_k: int = 2
-    """Routed experts per token K (0 = shared experts only); the layer's ``top_k`` can change at inference."""
+    """Routed experts per token K (expert choice: on average, with capacity_factor 1; 0 = shared experts only); the
+    layer's ``top_k`` can change at inference."""
     num_shared: int = 1
     """Shared experts S, always active (0 = none)."""
     expert_width: int | None = None
@@ -75,6 +91,15 @@ class MoEConfig:
     """Initial router: "zeros", "normal" (std 0.02) or "centroids" (zeros until the conversion fills them)."""
     up_bias: bool = True
     """Biases on the shared and routed up-projections (FLUX's FFNs have them; DSMoE's SwiGLU experts do not)."""
+    record_neurons: bool = False
+    """Keep the persistent ``dense_neurons`` buffer: the dense FFN neuron behind each hidden unit (the conversion
+    sets it, so a LoRA trained on the dense model can be mapped onto the experts later: src/models/lora.py)."""
+    routing: str = "token_choice"
+    """"token_choice" (each token its top-K experts) or "expert_choice" (each expert its top-C tokens of a pool)."""
+    capacity_factor: float = 1.0
+    """Expert choice: each expert takes C = min(L, ceil(capacity_factor·L·K/E)) of a pool's L tokens (1: K per token)."""
+    pool: str = "batch"
+    """Expert-choice token pool: "batch" (every token of the call, DiffMoE) or "sample" (dim -2 of each sample)."""
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "num_shared"):
@@ -102,12 +127,31 @@ class MoEConfig:
         for name in ("aux_loss_weight", "z_loss_weight", "bias_update_rate"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        check_routing(self.routing, self.capacity_factor, self.pool, self.balance)
 
     @classmethod
     def from_layout(cls, layout: str, **overrides) -> MoEConfig:
         """Config for a named layout such as "1S12E2A", other fields from ``overrides``."""
         num_shared, num_experts, top_k = parse_layout(layout)
         return cls(num_shared=num_shared, num_experts=num_experts, top_k=top_k, **overrides)
+
+
+def check_routing(routing: str, capacity_factor: float, pool: str, balance: str) -> None:
+    """ValueError naming the field unless the routing fields are valid together (MoEConfig, ConversionConfig)."""
+    for name, value, allowed in (("routing", routing, ROUTINGS), ("pool", pool, POOLS)):
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r}: allowed values are {', '.join(allowed)}")
+    number = isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+    if not number or not 0 < capacity_factor < math.inf:
+        raise ValueError(
+            f"capacity_factor={capacity_factor!r}: must be a finite number > 0 (expert choice: each expert takes "
+            "ceil(capacity_factor·L·K/E) of a pool's L tokens)"
+        )
+    if routing == "expert_choice" and balance != "none":
+        raise ValueError(
+            f"balance={balance!r} with routing='expert_choice': expert choice gives every expert the same number "
+            "of tokens, there is nothing to balance; allowed: balance='none'"
+        )
 
 
 def parse_layout(name: str) -> tuple[int, int, int]:
@@ -255,6 +299,10 @@ class MoEFeedForward(nn.Module):
         # Assignments since the last update_expert_bias: sums gradient-accumulation micro-batches (activation
         # checkpointing recomputes double them all alike, which leaves sign(mean - load) unchanged).
         self.register_buffer("pending_counts", torch.zeros(E, dtype=torch.long), persistent=False)
+        if cfg.record_neurons:
+            # dense_neurons[j] = the dense FFN neuron of hidden unit j: the S·F_s shared units, then each expert's
+            # F_e units in expert order (identity until the conversion writes the split it made).
+            self.register_buffer("dense_neurons", torch.arange(S * F_s + E * F_e))
 
         self.top_k = cfg.top_k
         # Every selected expert's gate is exactly 1.0 (checks that top_k = E reproduces the dense FFN).
@@ -267,8 +315,11 @@ class MoEFeedForward(nn.Module):
         self.balance_terms: tuple[Tensor, int, Tensor, Tensor | None] | None = None
         self.last_counts: Tensor = torch.zeros(E, dtype=torch.long)
         self.last_probs_mean: Tensor = torch.zeros(E)
-        # The last routed forward's expert choices (T, K), on the device, for load statistics by timestep.
+        # The last routed forward's expert choices (T, K), on the device, for load statistics by timestep; with
+        # expert choice instead the tokens (E, M) each expert took, and the share of tokens no expert took.
         self.last_topk_idx_TK: Tensor | None = None
+        self.last_token_idx_EM: Tensor | None = None
+        self.last_dropped_share: Tensor = torch.zeros(())
         self.reset_parameters()
 
     def _apply(self, fn, recurse=True):
@@ -319,7 +370,12 @@ class MoEFeedForward(nn.Module):
             f"dim={self.dim}, shared={self.num_shared}x{self.shared_width}, "
             f"experts={self.num_experts}x{self.expert_width}, top_k={self.top_k}, "
             f"activation={self.cfg.activation}, gate={self.cfg.gate}, balance={self.cfg.balance}"
+            + (f", expert_choice(capacity={self.cfg.capacity_factor}, pool={self.cfg.pool})" if self._ec else "")
         )
+
+    @property
+    def _ec(self) -> bool:
+        return self.cfg.routing == "expert_choice"
 
     def expert_matmul_path(self, dtype: torch.dtype) -> str:
         """Which grouped-matmul implementation the routed experts use for ``dtype``."""
@@ -335,7 +391,10 @@ class MoEFeedForward(nn.Module):
         x_TD = x.reshape(-1, self.dim)
         dtype = _compute_dtype(x_TD)
         out_TD = self._shared(x_TD, dtype)
-        if self.top_k > 0:
+        if self.top_k > 0 and self._ec:
+            pools = x_TD.shape[0] // max(x.shape[-2], 1) if self.cfg.pool == "sample" and x.dim() >= 3 else 1
+            out_TD = self._routed_expert_choice(x_TD, out_TD, dtype, pools)
+        elif self.top_k > 0:
             out_TD = self._routed(x_TD, out_TD, dtype)
         else:
             self.aux_loss = x_TD.new_zeros((), dtype=torch.float32)
@@ -405,6 +464,63 @@ class MoEFeedForward(nn.Module):
         self._record(logits_ET, scores_ET, counts_E, expert_N.numel())
         return (out_TD.float() + y_TKD.float().sum(dim=1)).to(dtype)
 
+    def route_expert_choice(self, x_TD: Tensor, pools: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Expert choice → (logits_ET, scores_ET, gates_EM, token_EM), in fp32 also under autocast.
+
+        The T tokens are P pools of L = T/P consecutive tokens; in each pool expert e takes the C tokens with its
+        highest scores (softmax over experts or sigmoid, per token, as for token choice): token_EM[e] lists them,
+        gates_EM[e] holds e's scores for them. ``renormalize`` rescales the gates of a token to sum 1 over the
+        experts that took it (one such expert → gate 1, no gradient to the router through that token).
+        """
+        cfg, E = self.cfg, self.num_experts
+        logits_ET = RouterLogits.apply(self.router.weight, x_TD)
+        scores_ET = logits_ET.softmax(dim=0) if cfg.gate == "softmax" else logits_ET.sigmoid()
+        L = scores_ET.shape[1] // pools
+        C = min(L, math.ceil(cfg.capacity_factor * L * self.top_k / E))
+        gates_EPC, idx_EPC = torch.topk(scores_ET.view(E, pools, L), C, dim=-1, sorted=False)
+        start_P1 = torch.arange(pools, device=x_TD.device).unsqueeze(-1) * L
+        token_EM = (idx_EPC + start_P1).view(E, -1)
+        gates_EM = gates_EPC.view(E, -1)
+        if cfg.renormalize:
+            # (E, T) scatter without collisions, summed over experts in a fixed order: deterministic
+            total_T = torch.zeros_like(scores_ET).scatter(1, token_EM, gates_EM).sum(dim=0)
+            gates_EM = gates_EM / (total_T.index_select(0, token_EM.view(-1)).view_as(gates_EM) + 1e-20)
+        if cfg.route_scale != 1.0:
+            gates_EM = gates_EM * cfg.route_scale
+        if self.constant_gates:
+            gates_EM = torch.ones_like(gates_EM)
+        return logits_ET, scores_ET, gates_EM, token_EM
+
+    def _routed_expert_choice(self, x_TD: Tensor, out_TD: Tensor, dtype: torch.dtype, pools: int) -> Tensor:
+        E, T = self.num_experts, x_TD.shape[0]
+        logits_ET, scores_ET, gates_EM, token_EM = self.route_expert_choice(x_TD, pools)
+        M = token_EM.shape[1]
+        token_N = token_EM.reshape(-1)
+        # Expert-major by construction, M rows per expert: static counts and offsets, no sort.
+        counts_E = torch.full((E,), M, dtype=torch.long, device=x_TD.device)
+        offs_E = torch.arange(1, E + 1, dtype=torch.int32, device=x_TD.device) * M
+
+        x_ND = x_TD.to(dtype).index_select(0, token_N)
+        h_NH = self._expert_matmul(x_ND, self.w_up.to(dtype), counts_E, offs_E)
+        if self.b_up is not None:
+            h_NH.view(E, M, -1).add_(self.b_up.to(dtype).unsqueeze(1))
+        h_NF = _activate(h_NH, self.cfg.activation)
+        gate_N1 = gates_EM.reshape(-1, 1).to(dtype)
+        h_NF = h_NF * gate_N1 if h_NF.requires_grad or gate_N1.requires_grad else h_NF.mul_(gate_N1)
+        y_ND = self._expert_matmul(h_NF, self.w_down.to(dtype), counts_E, offs_E)
+        # A token gets 0..E outputs. One index_add_ per expert, whose M tokens are distinct (no row written twice,
+        # so no atomics race on CUDA), in expert order into fp32: deterministic on every device.
+        acc_TD = out_TD.float()
+        for token_M, y_MD in zip(token_EM.unbind(0), y_ND.float().view(E, M, -1).unbind(0)):
+            acc_TD.index_add_(0, token_M, y_MD)
+        with torch.no_grad():
+            picked_T = torch.zeros(T, device=x_TD.device).index_fill_(0, token_N, 1.0)
+            self.last_dropped_share = (T - picked_T.sum()) / max(T, 1)
+        self.last_topk_idx_TK = None
+        self.last_token_idx_EM = token_EM.detach()
+        self._record(logits_ET, scores_ET, counts_E, token_N.numel())
+        return acc_TD.to(dtype)
+
     def _expert_matmul(self, a_NX: Tensor, w_EXY: Tensor, counts_E: Tensor, offs_E: Tensor) -> Tensor:
         if self.use_grouped_mm and grouped_mm_supported(a_NX.dtype, a_NX.shape[1], w_EXY.shape[2]):
             return F.grouped_mm(a_NX, w_EXY, offs=offs_E)
@@ -435,7 +551,8 @@ class MoEFeedForward(nn.Module):
         self.aux_loss = aux_loss
 
     def load_stats(self) -> dict[str, Tensor]:
-        """Last forward's load: counts, load fraction, max/mean load (1 = balanced), router entropy (nats)."""
+        """Last forward's load: counts, load fraction, max/mean load (1 = balanced), router entropy (nats); with
+        expert choice also the share of tokens no expert took."""
         if self.num_experts == 0:
             return {}
         counts_E = self.last_counts.float()
@@ -446,7 +563,7 @@ class MoEFeedForward(nn.Module):
             "load_fraction": counts_E / counts_E.sum().clamp_min(1),
             "max_over_mean_load": counts_E.max() / counts_E.mean().clamp_min(1e-12),
             "router_entropy": -(probs_E * probs_E.log()).sum(),
-        }
+        } | ({"dropped_share": self.last_dropped_share} if self._ec else {})
 
     @torch.no_grad()
     def update_expert_bias(self, counts_E: Tensor | None = None) -> None:

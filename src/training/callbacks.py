@@ -44,7 +44,8 @@ class ExpertLoadCallback(Callback):
     """Per-layer expert load and router entropy during training; tokens per expert by timestep bucket.
 
     Everything accumulates on the device (no host sync in a training step): the per-layer loads after every
-    batch, the timestep buckets from each layer's recorded choices (``last_topk_idx_TK``, no second routing).
+    batch, the timestep buckets from each layer's recorded choices (``last_topk_idx_TK``, or with expert choice
+    ``last_token_idx_EM``; no second routing). Expert-choice layers also log the share of tokens no expert took.
     The metrics come to the host once per logging step (one transfer), the heatmaps at the end of the stage: a
     load heatmap (layers × experts, share of each layer's assignments) and a timestep-bucket heatmap (σ buckets ×
     experts, summed over layers) as MLflow images.
@@ -70,15 +71,20 @@ class ExpertLoadCallback(Callback):
     def _bucket_hook(self, pl_module, layer):
         def count(module, args, output):
             sigma_B = getattr(pl_module, "last_sigma_B", None)
-            topk_TK = layer.last_topk_idx_TK
-            if sigma_B is None or not pl_module.training or layer.top_k == 0 or topk_TK is None:
+            topk_TK, token_EM = layer.last_topk_idx_TK, layer.last_token_idx_EM
+            if sigma_B is None or not pl_module.training or layer.top_k == 0 or (topk_TK is None and token_EM is None):
                 return
             x = args[0]
             if x.dim() != 3 or x.shape[0] != sigma_B.shape[0]:
                 return  # a MoB sub-batch: which samples it holds is not known here
             bucket_B = (sigma_B.detach() * TIMESTEP_BUCKETS).long().clamp(0, TIMESTEP_BUCKETS - 1)
-            bucket_T = bucket_B.to(topk_TK.device).repeat_interleave(x.shape[1])
-            flat = (bucket_T[:, None] * layer.num_experts + topk_TK).flatten()
+            bucket_T = bucket_B.to(layer.expert_bias.device).repeat_interleave(x.shape[1])
+            if topk_TK is not None:
+                flat = (bucket_T[:, None] * layer.num_experts + topk_TK).flatten()
+            else:  # expert choice: expert e took the tokens token_EM[e]
+                expert_E1 = torch.arange(layer.num_experts, device=token_EM.device).unsqueeze(1)
+                flat = bucket_T.index_select(0, token_EM.flatten()).view_as(token_EM) * layer.num_experts + expert_E1
+                flat = flat.flatten()
             # integer scatter-add: exact and order-independent (bincount would sync for its output size)
             self.bucket_UE.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
 
@@ -91,20 +97,15 @@ class ExpertLoadCallback(Callback):
         if not is_logging_step(trainer, batch_idx):
             return
         stats = [layer.load_stats() for layer in self._layers]
-        values_2L = torch.stack(
-            [
-                torch.stack([s["max_over_mean_load"].float() for s in stats]),
-                torch.stack([s["router_entropy"].float() for s in stats]),
-            ]
-        )
-        (load, entropy) = values_2L.tolist()  # the one device → host transfer, at a logging step
-        metrics = {
-            "experts/max_over_mean_load": float(np.mean(load)),
-            "experts/router_entropy": float(np.mean(entropy)),
-        }
-        for i in range(len(stats)):
-            metrics[f"experts/layer{i:02d}/max_over_mean_load"] = load[i]
-            metrics[f"experts/layer{i:02d}/router_entropy"] = entropy[i]
+        names = ["max_over_mean_load", "router_entropy"]
+        if all("dropped_share" in s for s in stats):
+            names.append("dropped_share")
+        values_NL = torch.stack([torch.stack([s[name].float() for s in stats]) for name in names])
+        rows = values_NL.tolist()  # the one device → host transfer, at a logging step
+        metrics = {f"experts/{name}": float(np.mean(row)) for name, row in zip(names, rows)}
+        for name, row in zip(names, rows):
+            for i, value in enumerate(row):
+                metrics[f"experts/layer{i:02d}/{name}"] = value
         pl_module.log_dict(metrics)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
