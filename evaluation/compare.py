@@ -28,6 +28,8 @@ from src.errors import UserError
 QUALITY_METRICS = ("geneval/overall", "geneval_glyphs/overall", "geneval_shapes/overall", "clip_score")
 ACTIVATED = "params/activated"
 _KIND_TAG = "dense2moe.kind"
+LAYOUT_PARAMS = ("student/conversion/layout", "student/conversion/shared_width", "student/conversion/expert_width")
+"""The params fit runs log for their MoE layout (src/training/describe.py): compare's default param columns."""
 _LEADING = ("params/activated", "flops")
 _TRAILING = ("clip_score", "fidelity/psnr", "fidelity/ssim", "fidelity/lpips")
 
@@ -215,6 +217,7 @@ def compare(
     log_mlflow: bool = True,
     allow_mixed_protocols: bool = False,
     baseline: str | None = None,
+    params: list[str] | None = None,
 ) -> list[dict]:
     """Table of an experiment's runs (CSV + markdown) and a quality-vs-activated-parameters plot with its Pareto front.
 
@@ -231,6 +234,8 @@ def compare(
         baseline: A run name: every fit run evaluated on the same prompts and noise (same seed) gets a column
             "Δ vs <baseline>" = its student's GenEval overall minus the baseline's, with the paired bootstrap 95%
             interval over prompts (from the runs' ``report/per_prompt.json``). Fit runs always get "Δ vs teacher".
+        params: MLflow param keys shown as columns after the run name, e.g. ``[student/mob/active]`` (default: the
+            MoE layout and expert widths that fit runs log, when some run has them).
     """
     import mlflow
 
@@ -252,9 +257,11 @@ def compare(
     if not runs:
         raise UserError(f"experiment {experiment!r}: no run has the metric {metric!r}")
     columns = _columns(runs, metric)
+    params = [k for k in LAYOUT_PARAMS if any(k in r.data.params for r in runs)] if params is None else params
     protocols = _protocols(runs, allow_mixed_protocols)
     rows = [
-        {"run": _name(r), "run_id": r.info.run_id, **{k: _value(r, k) for k in columns}}
+        {"run": _name(r), "run_id": r.info.run_id, **{k: r.data.params.get(k) for k in params}}
+        | {k: _value(r, k) for k in columns}
         for r in sorted(runs, key=lambda r: r.info.start_time or 0)
     ]
     if protocols:
@@ -273,7 +280,7 @@ def compare(
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = ["run", "run_id", *columns, *intervals, *(["protocol"] if protocols else []), "pareto"]
+    header = ["run", "run_id", *params, *columns, *intervals, *(["protocol"] if protocols else []), "pareto"]
     with (out_dir / "compare.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()

@@ -23,7 +23,14 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from evaluation.clip_score import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, clip_score_summary, clip_scores
-from evaluation.generate import generate_images, is_flux_pipeline, iter_samples, load_prompt_set, resolve_device
+from evaluation.generate import (
+    across_tasks,
+    generate_images,
+    is_flux_pipeline,
+    iter_samples,
+    load_prompt_set,
+    resolve_device,
+)
 from evaluation.geneval import format_summary, result_record, summarize, write_results_jsonl
 from evaluation.real_geneval import DEFAULT_DETECTOR
 from src.errors import UserError
@@ -32,7 +39,8 @@ DETECTORS = ("shapes", "glyphs", "geneval", "none")
 METRIC_PREFIX = {"shapes": "geneval_shapes", "glyphs": "geneval_glyphs", "geneval": "geneval"}
 
 
-def _progress(label: str, total: int) -> Progress:
+def progress_bar(label: str, total: int) -> Progress:
+    """A bar with count and ETA (off for an empty job); the fit's evaluation and Taylor scoring use it too."""
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     return Progress(*columns, disable=not total)
 
@@ -60,7 +68,7 @@ def score_folder(out: str | Path, detector: str = "shapes", scorer=None, batch_s
     if not samples:
         raise UserError(f"{out}: no images in GenEval layout (<out>/<%05d>/samples/<%04d>.png)")
     records = []
-    with _progress(f"geneval ({detector})", len(samples)) as progress:
+    with progress_bar(f"geneval ({detector})", len(samples)) as progress:
         task = progress.add_task("score", total=len(samples))
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
@@ -123,16 +131,22 @@ def failure_grid(records: list[dict], out: Path, limit: int = 24, tile: int = 19
     return np.asarray(grid)
 
 
-def _cost(transformer, **tokens) -> dict[str, float]:
-    """Activated/total parameters and forward FLOPs per image per step, logged so runs can be compared."""
-    from src.models.accounting import count_params, flops_per_image
+def _cost(transformer, trajectory: tuple | None = None, **tokens) -> dict[str, float]:
+    """Activated/total parameters and forward FLOPs per image per step, logged so runs can be compared; with a
+    compute schedule (``trajectory`` = steps, shift, top-k schedule, κ schedule) averaged over the sampler's steps."""
+    from src.models.accounting import count_params, flops_per_image, trajectory_cost
 
-    params = count_params(transformer)
+    if trajectory is not None and any(schedule is not None for schedule in trajectory[2:]):
+        params = trajectory_cost(transformer, *trajectory, **tokens)
+        flops = params["flops"]
+    else:
+        params = count_params(transformer)
+        flops = flops_per_image(transformer, **tokens)["total"]
     return {
         "params/activated": float(params["activated"]),
         "params/activated_without_modulation": float(params["activated_without_modulation"]),
         "params/total": float(params["total"]),
-        "flops": float(flops_per_image(transformer, **tokens)["total"]),
+        "flops": float(flops),
     }
 
 
@@ -159,6 +173,8 @@ def evaluate(
     guidance: float = 3.5,
     max_sequence_length: int = 512,
     top_k: int | None = None,
+    top_k_schedule: list[tuple[float, int]] | None = None,
+    mob_active_schedule: list[tuple[float, int]] | None = None,
     detector: str | None = None,
     detector_model: str = DEFAULT_DETECTOR,
     clip_score: bool = False,
@@ -198,6 +214,10 @@ def evaluate(
         guidance: FLUX guidance-embedding value (FLUX.1-dev is guidance-distilled: no classifier-free guidance).
         max_sequence_length: FLUX T5 prompt tokens (capped at the tokenizer's limit).
         top_k: Routed experts per token at inference for an MoE model (None = as trained).
+        top_k_schedule: Shapes world: routed top-k as a function of σ, [[σ_max, k], …] with σ_max strictly
+            decreasing from 1.0, each entry holding down to the next σ_max (e.g. [[1.0, 2], [0.5, 1]]: k = 2 for
+            σ > 0.5, else 1). Default: the model config's ``sampling_schedule``, else ``top_k``.
+        mob_active_schedule: Shapes world: MoB active blocks κ as a function of σ, in the same form.
         detector: "shapes" / "glyphs" (the classical detectors of the embedded worlds), "geneval" (Mask2Former +
             CLIP colours) or "none". Default: the model's world (config ``world``), geneval for FLUX.
         detector_model: Mask2Former (COCO instance segmentation) hub id or local folder, for detector=geneval.
@@ -207,7 +227,7 @@ def evaluate(
         clip_pretrained: open_clip weights: a tag ("openai") or a checkpoint path.
         reference: Another evaluate output folder (same prompts and seed, e.g. the teacher's) for fidelity:
             PSNR, SSIM and LPIPS on same-noise pairs.
-        limit: Only the first N prompts (quick looks).
+        limit: Only N prompts, spread evenly over the prompt set's tasks (quick looks; at least one per task).
         device: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
         dtype: FLUX weights dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16".
         experiment_name: MLflow experiment.
@@ -219,6 +239,7 @@ def evaluate(
             evaluate_images.py (its results.jsonl, or the file itself). Prints GenEval's summary next to ours,
             re-decided from the detections GenEval kept, and the agreement per task.
     """
+    arguments = dict(locals())  # the run's config.yaml
     if geneval_results is not None:
         from evaluation.geneval_agreement import check_geneval_results
 
@@ -233,7 +254,7 @@ def evaluate(
     target = resolve_device(device)
     # the glyph world's evaluation set is GenEval's own 553 prompts, unchanged
     prompt_set = prompts or ("shapes-heldout" if world == "shapes" else "geneval")
-    metadata = load_prompt_set(prompt_set, image_size)[:limit]
+    metadata = across_tasks(load_prompt_set(prompt_set, image_size), limit, prompt_set)
     if detector == "glyphs":
         from src.data.glyphs import check_vocabulary
 
@@ -259,12 +280,17 @@ def evaluate(
 
         scorer = GenEvalScorer.load(detector_model, clip=clip)
 
+    if flux and (top_k_schedule is not None or mob_active_schedule is not None):
+        raise UserError("top_k_schedule / mob_active_schedule: only the shapes-world sampler applies them, not FLUX")
     if flux:
         generator, info, cost = _flux_generator(
             model, transformer, dtype, target, height, width, steps or 28, guidance, max_sequence_length, top_k
         )
     else:
-        generator, info, cost = _shapes_generator(model, image_size, steps or 20, cfg_scale, shift, top_k, target)
+        schedules = (top_k_schedule, mob_active_schedule)
+        generator, info, cost = _shapes_generator(
+            model, image_size, steps or 20, cfg_scale, shift, top_k, target, schedules
+        )
     info["prompt_set"] = prompt_set
     provenance = None
     if detector != "none":
@@ -299,7 +325,11 @@ def evaluate(
         print(line)
     print(f"generated {generated} images in {seconds:.1f} s; results in {out_dir}")
     if log_mlflow:
-        _log_to_mlflow(summary, records, out_dir, experiment_name, run_name or out_dir.name, tracking_uri, info)
+        from evaluation.provenance import model_fingerprint
+
+        info["sha256"] = model_fingerprint(Path(transformer or model)) if Path(transformer or model).is_dir() else None
+        name = run_name or out_dir.name
+        _log_to_mlflow(summary, records, out_dir, experiment_name, name, tracking_uri, info, arguments)
     return summary
 
 
@@ -359,6 +389,8 @@ def _provenance(
     rules = provenance.rules_record(**(scorer.filter if scorer is not None else {}))
     sampler_keys = ("steps", "cfg_scale", "guidance", "shift", "image_size", "height", "width", "max_sequence_length")
     sampler = {k: info[k] for k in (*sampler_keys, "dtype") if k in info}
+    # only when set: records of runs without a schedule stay comparable with older ones
+    sampler |= {k: info[k] for k in _SCHEDULE_FLAGS if info.get(k) is not None}
     return provenance.geneval_provenance(
         prompts=provenance.prompts_record(prompt_set, metadata),
         detector=detector_id,
@@ -392,8 +424,16 @@ def _model_world(model: str) -> str:
 
 
 def _shapes_generator(
-    model: str, image_size: int, steps: int, cfg_scale: float, shift: float | None, top_k: int | None, device
+    model: str,
+    image_size: int,
+    steps: int,
+    cfg_scale: float,
+    shift: float | None,
+    top_k: int | None,
+    device,
+    schedules: tuple[list | None, list | None] = (None, None),
 ):
+    from src.models.compute_schedule import as_lists, check_fits, check_schedule
     from src.models.loading import load_transformer
     from src.models.pipeline import SamplingConfig, ShapesPipeline
 
@@ -402,20 +442,47 @@ def _shapes_generator(
         from src.models.flux_moe import set_top_k
 
         set_top_k(transformer, top_k)
-    pipeline = ShapesPipeline(
-        transformer, image_size=image_size, sampling=SamplingConfig(steps=steps, cfg_scale=cfg_scale, shift=shift)
-    )
+    try:
+        top_k_schedule, mob_schedule = (check_schedule(v, n) for v, n in zip(schedules, _SCHEDULE_FLAGS))
+        if top_k is not None and top_k_schedule is None:  # an explicit top-k also overrides the config's schedule
+            top_k_schedule = ((1.0, top_k),)
+        sampling = SamplingConfig(
+            steps, cfg_scale, shift, top_k_schedule=top_k_schedule, mob_active_schedule=mob_schedule
+        )
+        top_k_schedule, mob_schedule = sampling.schedules_for(transformer)
+        check_fits(transformer, top_k_schedule, mob_schedule)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    _check_schedule_targets(transformer, top_k_schedule, mob_schedule)
+    pipeline = ShapesPipeline(transformer, image_size=image_size, sampling=sampling)
     text_len = pipeline.encode_prompts([""])[0].shape[1]
-    cost = _cost(transformer, image_tokens=pipeline.tokens_per_side**2, text_len=text_len)
+    trajectory = (steps, sampling.shift_for(transformer), top_k_schedule, mob_schedule)
+    cost = _cost(transformer, image_tokens=pipeline.tokens_per_side**2, text_len=text_len, trajectory=trajectory)
     info = {
         "model": str(model),
         "steps": steps,
         "cfg_scale": cfg_scale,
         "shift": pipeline.sampling.shift_for(transformer),
         "top_k": top_k,
+        "top_k_schedule": as_lists(top_k_schedule),
+        "mob_active_schedule": as_lists(mob_schedule),
         "image_size": image_size,
     }
     return pipeline, info, cost
+
+
+_SCHEDULE_FLAGS = ("top_k_schedule", "mob_active_schedule")
+
+
+def _check_schedule_targets(transformer, top_k_schedule, mob_schedule) -> None:
+    """A schedule for layers the model does not have is a mistake on the command line, not a silent no-op."""
+    from src.models.mob import mob_groups
+    from src.models.moe import moe_layers
+
+    if top_k_schedule is not None and not moe_layers(transformer):
+        raise UserError("top_k_schedule: the model has no MoE layers to route")
+    if mob_schedule is not None and not mob_groups(transformer):
+        raise UserError("mob_active_schedule: the model has no MoB groups")
 
 
 def _flux_generator(model, transformer, dtype, device, height, width, steps, guidance, max_sequence_length, top_k):
@@ -480,17 +547,20 @@ def metrics_of(summary: dict) -> dict[str, float]:
     return metrics
 
 
-def _log_to_mlflow(summary, records, out_dir, experiment_name, run_name, tracking_uri, info) -> None:
+def _log_to_mlflow(summary, records, out_dir, experiment_name, run_name, tracking_uri, info, arguments) -> None:
+    """One run per evaluation: its arguments as ``config.yaml``, the model's settings and weights hash as params."""
     import mlflow
+    import yaml
 
-    from src.training.mlflow_logging import check_tracking_uri, resolve_tracking_uri
+    from src.training.mlflow_logging import check_tracking_uri, experiment_id, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_name)
-    with mlflow.start_run(run_name=run_name) as run:
+    mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(uri), experiment_name))
+    with mlflow.start_run(run_name=run_name, tags={"kind": "evaluation", "experiment": run_name}) as run:
         mlflow.log_params({k: v for k, v in info.items() if v is not None})
+        mlflow.log_text(yaml.safe_dump(arguments, sort_keys=False), "config.yaml")
         mlflow.log_metrics(metrics_of(summary))
         if "provenance" in summary:
             from evaluation.provenance import mlflow_tags

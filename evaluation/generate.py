@@ -68,6 +68,34 @@ def load_prompt_set(name_or_path: str, image_size: int = 32) -> list[dict]:
     return metadata
 
 
+def across_tasks(metadata: list[dict], limit: int | None, name: str) -> list[dict]:
+    """``limit`` prompts of a prompt set spread evenly over its tasks (``tag``): round-robin quotas in the order the
+    tasks first appear, each task's first prompts, kept in file order. Fewer prompts than tasks are refused: a
+    quick look must still cover every task."""
+    if limit is None or limit >= len(metadata):
+        return metadata
+    tags = [m.get("tag") for m in metadata]
+    tasks = list(dict.fromkeys(tags))
+    if limit < len(tasks):
+        named = ", ".join(str(t) for t in tasks)
+        raise UserError(
+            f"limit={limit}: prompt set {name} has {len(tasks)} tasks ({named}); use --limit {len(tasks)} or more "
+            "so that every task gets a prompt"
+        )
+    available = {t: tags.count(t) for t in tasks}
+    quota, left = dict.fromkeys(tasks, 0), limit
+    while left:  # ends: limit < len(metadata) prompts are available
+        for task in tasks:
+            if left and quota[task] < available[task]:
+                quota[task], left = quota[task] + 1, left - 1
+    kept = []
+    for meta, tag in zip(metadata, tags):
+        if quota[tag]:
+            kept.append(meta)
+            quota[tag] -= 1
+    return kept
+
+
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
     """Noise seed of image k of prompt i: fixed, so every model is sampled from the same noise."""
     return (seed * 1_000_003 + prompt_index) * 1_009 + image_index

@@ -59,6 +59,28 @@ def weights_sha256(path: str | Path) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
+FULL_HASH_BYTES = 2 << 30
+"""Model folders up to this size are hashed byte for byte; larger ones (FLUX.1-dev: 24 GB) by their safetensors
+headers (every tensor's name, dtype, shape and offsets) and file sizes, so a run does not read the whole model
+again just to name it."""
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """sha256 of a model folder's ``*.safetensors``: full bytes up to ``FULL_HASH_BYTES``, else ``headers:`` + the
+    hash of each file's safetensors header and size (same layout and sizes ⇒ same fingerprint)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return "none (no safetensors files)"
+    if sum(p.stat().st_size for p in files) <= FULL_HASH_BYTES:
+        return weights_sha256(files[0]) if len(files) == 1 else weights_sha256(folder)
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")  # safetensors: 8-byte header length, then the JSON header
+            digest.update(f"{path.name}:{path.stat().st_size};".encode() + f.read(size))
+    return "headers:" + digest.hexdigest()
+
+
 def state_dict_sha256(module: torch.nn.Module) -> str:
     """sha256 over a module's parameters and buffers (names, dtypes, shapes, bytes): weights without a file."""
     digest = hashlib.sha256()

@@ -1,7 +1,7 @@
 """Command line: ``python -m src.cli <command> --config <file.yaml> [--key.path value ...]``.
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI (a model, a datamodule, a Trainer). The tools below
-(params, evaluate, sweep, export, prepare-data, compare) are plain functions behind jsonargparse: they don't build
+(params, evaluate, sweep, export, prepare-data, compare, lora) are plain functions behind jsonargparse: they don't build
 a Trainer (or a model) when they don't need one, and a sweep driver never re-executes itself under DDP.
 """
 
@@ -21,9 +21,47 @@ TOOLS: dict[str, str] = {
     "export": "src.export:export",
     "sweep": "src.sweep.driver:sweep",
     "prepare-data": "src.data.prepare:prepare_data",
+    "lora": "src.lora_tool:lora",
 }
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+TRAINER_HELP = {
+    "fit": "Train: an experiment YAML (with `stages`) runs a Dense2MoE experiment, any other config a LightningCLI fit.",
+    "validate": "LightningCLI: run a model's validation loop once.",
+    "test": "LightningCLI: run a model's test loop once.",
+    "predict": "LightningCLI: run a model's predict loop.",
+}
+HELP_FLAGS = ("-h", "--help")
+
+
+def _overview() -> str:
+    """``python -m src.cli --help``: every command with the first sentence of its docstring."""
+    lines = ["usage: python -m src.cli <command> [--config FILE.yaml] [--key.path value ...]", "", "commands:"]
+    summaries = dict(TRAINER_HELP)
+    for name, target in TOOLS.items():
+        module, func = target.split(":")
+        doc = " ".join((getattr(importlib.import_module(module), func).__doc__ or "").split("\n\n")[0].split())
+        summaries[name] = doc.split(". ")[0].rstrip(".") + "."
+    width = max(map(len, summaries))
+    lines += [f"  {name:<{width}}  {text}" for name, text in summaries.items()]
+    lines += [
+        "",
+        "`python -m src.cli <command> --help` lists a command's flags (`fit --help`: the experiment YAML's keys).",
+    ]
+    return "\n".join(lines)
+
+
+def _fit_help() -> None:
+    """``fit --help`` (or with an experiment config): the experiment's flags and every key of its YAML."""
+    from src.training.experiment import run_experiment, yaml_keys
+
+    try:
+        _run_function(run_experiment, ["--help"], prog="fit")
+    except SystemExit:
+        print(yaml_keys())
+        print("\nA config without `stages` (e.g. experiments/teacher_tiny.yaml) is a LightningCLI fit:")
+        print("  python -m src.cli fit --config experiments/teacher_tiny.yaml --help")
+        raise
 
 
 def _instantiate(parser, cfg):
@@ -35,6 +73,9 @@ def _lightning_cli(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     from src.training.mlflow_logging import MLflowLogger, MLflowSaveConfigCallback
+    from src.training.terminal import quiet_lightning
+
+    quiet_lightning()
 
     class Dense2MoECLI(LightningCLI):
         def after_fit(self) -> None:
@@ -59,12 +100,15 @@ def _experiment_config(argv: list[str]) -> bool:
     """``fit --config X.yaml`` where X declares ``stages``: a multi-stage Dense2MoE experiment, not LightningCLI."""
     from src.training.experiment import is_experiment_config
 
+    return any(is_experiment_config(c) for c in _configs(argv))
+
+
+def _configs(argv: list[str]) -> list[str]:
     configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
-    configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    return any(is_experiment_config(c) for c in configs)
+    return configs + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
 
 
-def _run_function(fn: Any, args: list[str], paths: tuple[str, ...] = ()) -> Any:
+def _run_function(fn: Any, args: list[str], paths: tuple[str, ...] = (), prog: str | None = None) -> Any:
     """Parse ``args`` into ``fn``'s signature (``--config`` files, dot overrides) and call it.
 
     ``paths``: keys whose relative values, when a config file set them, resolve against that file
@@ -77,7 +121,7 @@ def _run_function(fn: Any, args: list[str], paths: tuple[str, ...] = ()) -> Any:
 
     from src.config_files import resolve_config_paths
 
-    parser = ArgumentParser(prog=f"python -m src.cli {getattr(fn, '__name__', '')}", exit_on_error=False)
+    parser = ArgumentParser(prog=f"python -m src.cli {prog or getattr(fn, '__name__', '')}", exit_on_error=False)
     if "config" not in inspect.signature(fn).parameters:  # e.g. `params --config X` names the experiment itself
         parser.add_argument("--config", "-c", action=ActionConfigFile, help="YAML file with any of the arguments below")
     parser.add_function_arguments(fn, as_positional=False)
@@ -102,7 +146,7 @@ def _bare_flag(arg: str, following: list[str], flags: set[str]) -> list[str]:
 
 def _run_tool(name: str, args: list[str]) -> Any:
     module, func = TOOLS[name].split(":")
-    return _run_function(getattr(importlib.import_module(module), func), args)
+    return _run_function(getattr(importlib.import_module(module), func), args, prog=name)
 
 
 def config_error_line(exc: BaseException) -> str:
@@ -148,13 +192,17 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[0] if argv else None
     try:
         check_config_args(argv[1:])
-        if command in TOOLS:
+        if command is None or command in HELP_FLAGS:
+            print(_overview())
+        elif command == "fit" and set(HELP_FLAGS) & set(argv) and (_experiment_config(argv) or not _configs(argv)):
+            _fit_help()
+        elif command in TOOLS:
             _run_tool(command, argv[1:])
         elif command == "fit" and _experiment_config(argv):
             from src.training.experiment import run_experiment
 
-            _run_function(run_experiment, argv[1:], EXPERIMENT_PATHS)
-        elif command in TRAINER_COMMANDS or command is None or command.startswith("-"):
+            _run_function(run_experiment, argv[1:], EXPERIMENT_PATHS, prog="fit")
+        elif command in TRAINER_COMMANDS or command.startswith("-"):
             _lightning_cli(argv if argv != sys.argv[1:] else None)
         else:
             known = ", ".join([*TRAINER_COMMANDS, *TOOLS])

@@ -84,6 +84,8 @@ def params(
     memory: bool = False,
     gpus: int | None = None,
     stage: str | None = None,
+    top_k_schedule: list[tuple[float, int]] | None = None,
+    mob_active_schedule: list[tuple[float, int]] | None = None,
 ) -> dict[str, Any]:
     """Total and activated parameters per component, and FLOPs per image per step, of an experiment's teacher and
     student — counted on the meta device, so FLUX.1-dev needs no weights. With ``--preset`` (or a DiTModule
@@ -99,6 +101,10 @@ def params(
         memory: Print the per-GPU memory plan of every stage instead (src/models/memory.py; docs/scale.md).
         gpus: GPUs a stage runs on for --memory (default: the stage's devices); FSDP shards model state over them.
         stage: With --memory, plan only this stage.
+        top_k_schedule: The student's top-k as a function of σ, [[σ_max, k], …] from σ_max = 1.0 down (default:
+            the experiment's evaluation.top_k_schedule); adds activated params and FLOPs averaged over the
+            sampler's steps (evaluation.steps, evaluation.shift).
+        mob_active_schedule: The student's MoB κ as a function of σ, in the same form (default: the experiment's).
     """
     from src.models.accounting import count_params, flops_per_image
     from src.training.experiment import DataSpec, TeacherSpec
@@ -134,11 +140,66 @@ def params(
         }
     out = {k: report["student"][k] for k in ("total", "activated", "activated_without_modulation", "flops")}
     out |= {"teacher": report["teacher"], "student": report["student"], "flops_at": flop_args}
+    trajectory = _trajectory(args, student, top_k_schedule, mob_active_schedule, flop_args)
+    if trajectory is not None:
+        out["trajectory"] = trajectory
     if json:
         print(jsonlib.dumps(out, indent=1, default=int))
     else:
         print(_params_table(report, flop_args))
+        if trajectory is not None:
+            print(_trajectory_line(trajectory))
     return out
+
+
+def _trajectory(args, student, top_k_schedule, mob_active_schedule, flop_args) -> dict[str, Any] | None:
+    """The student's activated params and FLOPs averaged over the evaluation sampler's steps under the compute
+    schedules (the flags, else the experiment's evaluation ones); None without any schedule."""
+    from src.models.accounting import trajectory_cost
+    from src.models.compute_schedule import as_lists, check_fits, check_schedule
+
+    ev = args.get("evaluation")
+    try:
+        schedules = [
+            check_schedule(given if given is not None else getattr(ev, name, None), name)
+            for given, name in ((top_k_schedule, "top_k_schedule"), (mob_active_schedule, "mob_active_schedule"))
+        ]
+        check_fits(student, *schedules)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if all(s is None for s in schedules):
+        return None
+    from src.models.mob import mob_groups
+    from src.models.moe import moe_layers
+
+    if schedules[0] is not None and not moe_layers(student):
+        raise UserError("top_k_schedule: the student has no MoE layers to route")
+    if schedules[1] is not None and not mob_groups(student):
+        raise UserError("mob_active_schedule: the student has no MoB groups")
+    steps = ev.steps if ev is not None else 20
+    shift = (ev.shift if ev is not None else None) or _teacher_shift(args["teacher"]) or 1.0
+    cost = trajectory_cost(student, steps, shift, *schedules, **flop_args)
+    cost["top_k_schedule"], cost["mob_active_schedule"] = as_lists(schedules[0]), as_lists(schedules[1])
+    return cost
+
+
+def _teacher_shift(teacher) -> float | None:
+    """The teacher's config ``sampling_shift`` (what the evaluation samples with when evaluation.shift is null)."""
+    config = Path(teacher.path) / (teacher.subfolder or "") / "config.json"
+    if not config.is_file():
+        return None
+    shift = jsonlib.loads(config.read_text()).get("sampling_shift")
+    return float(shift) if isinstance(shift, (int, float)) else None
+
+
+def _trajectory_line(t: dict[str, Any]) -> str:
+    per_step = ", ".join(f"σ={r['sigma']:.3f}: k={r['top_k']} κ={r['mob_active']}" for r in t["per_step"])
+    return (
+        f"student averaged over {t['steps']} sampling steps (shift {t['shift']:g}; top_k_schedule "
+        f"{t['top_k_schedule']}, mob_active_schedule {t['mob_active_schedule']}): activated {t['activated']:,.0f} "
+        f"({t['activated_without_modulation']:,.0f} w/o AdaLN modulation), FLOPs / image / step "
+        f"{t['flops']:.4g}\n  per step: {per_step}"
+    )
 
 
 def _params_table(report: dict[str, Any], flop_args: dict[str, Any]) -> str:

@@ -134,3 +134,19 @@ def test_model_card_shows_the_protocol_or_says_it_is_unknown():
     card = model_card(model, None, "x", {"student/geneval_shapes/overall": 0.5})
     assert "GenEval protocol: unknown" in card
     assert "GenEval protocol" not in model_card(model, None, "x", {"student/loss": 0.1})
+
+
+def test_a_huge_model_folder_is_fingerprinted_by_its_safetensors_headers(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(4, 4)}, str(tmp_path / "model.safetensors"))
+    full = provenance.model_fingerprint(tmp_path)
+    assert full == provenance.weights_sha256(tmp_path / "model.safetensors")
+    monkeypatch.setattr(provenance, "FULL_HASH_BYTES", 10)  # as if it were FLUX.1-dev's 24 GB
+    header = provenance.model_fingerprint(tmp_path)
+    assert header.startswith("headers:")
+    save_file({"w": torch.ones(4, 4)}, str(tmp_path / "model.safetensors"))
+    assert provenance.model_fingerprint(tmp_path) == header  # same layout: same header fingerprint
+    save_file({"w": torch.ones(4, 5)}, str(tmp_path / "model.safetensors"))
+    assert provenance.model_fingerprint(tmp_path) != header

@@ -70,7 +70,7 @@ def test_evaluate_is_resumable_and_marks_completion(fitted, capsys, monkeypatch)
     ]
     main(args)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 12 and set(summary["tasks"]) == {"single_object"}
+    assert summary["images"] == 12 and len(summary["tasks"]) == 6  # --limit 6: one prompt of every task
     assert json.loads((out / "generation.json").read_text())["complete"] is True
     assert (out / "00000" / "metadata.jsonl").is_file() and (out / "00005" / "samples" / "0001.png").is_file()
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

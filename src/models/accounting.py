@@ -12,6 +12,9 @@ down-projection (docs/design.md §4.2).
 
 Dense2MoE's activated counts for MoE models (MoE-L 5.15B) only fit when the per-block AdaLN modulation is not
 counted (docs/design.md §2.9): ``activated_without_modulation`` reports that figure next to ``activated``.
+
+With a compute schedule (top-k / κ as functions of σ, src/models/compute_schedule.py) activated counts change from
+step to step; ``trajectory_cost`` averages them over the sampler's steps.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import nn
 
+from src.models.compute_schedule import Schedule, scheduled
+from src.models.flow import sampling_schedule
 from src.models.mob import MoBGroup, mob_groups
 from src.models.moe import MoEFeedForward
 
@@ -201,3 +206,54 @@ def flops_per_image(
         "image_tokens": image_tokens,
         "text_tokens": text_len,
     }
+
+
+def trajectory_cost(
+    model: nn.Module,
+    steps: int,
+    shift: float = 1.0,
+    top_k_schedule: Schedule | None = None,
+    mob_active_schedule: Schedule | None = None,
+    **flop_args: Any,
+) -> dict[str, Any]:
+    """Activated parameters and forward FLOPs per image per step, averaged over the ``steps`` Euler steps of the
+    sampler (σ grid ``sampling_schedule(steps, shift)``) with top-k and κ following the schedules.
+
+    Each step counts as the model at that step's (top-k, κ); with classifier-free guidance both branches run at the
+    same σ, so the average per forward is the same. ``flop_args`` go to ``flops_per_image``. Also returns ``total``
+    and ``per_step`` (σ, top-k, κ, activated, flops) rows.
+    """
+    sigmas = sampling_schedule(steps, shift).tolist()[:steps]
+    per_setting: dict[tuple[tuple[int, ...], tuple[int, ...]], dict[str, Any]] = {}
+    rows = []
+    with scheduled(model, top_k_schedule, mob_active_schedule) as apply:
+        for sigma in sigmas:
+            apply(sigma)
+            setting = tuple(m.top_k for m in _routed(model)), tuple(g.active for g in mob_groups(model))
+            if setting not in per_setting:
+                per_setting[setting] = {"params": count_params(model), "flops": flops_per_image(model, **flop_args)}
+            counts = per_setting[setting]
+            rows.append(
+                {
+                    "sigma": sigma,
+                    "top_k": sorted(set(setting[0])),
+                    "mob_active": sorted(set(setting[1])),
+                    "activated": counts["params"]["activated"],
+                    "activated_without_modulation": counts["params"]["activated_without_modulation"],
+                    "flops": counts["flops"]["total"],
+                }
+            )
+    first = next(iter(per_setting.values()))
+    return {
+        "total": first["params"]["total"],
+        "activated": sum(r["activated"] for r in rows) / steps,
+        "activated_without_modulation": sum(r["activated_without_modulation"] for r in rows) / steps,
+        "flops": sum(r["flops"] for r in rows) / steps,
+        "steps": steps,
+        "shift": shift,
+        "per_step": rows,
+    }
+
+
+def _routed(model: nn.Module) -> list[MoEFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]

@@ -115,15 +115,19 @@ def euler_sample(
     cfg_scale: float = 1.0,
     shift: float = 1.0,
     progress: Callable[[int], None] | None = None,
+    before_step: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """Integrate dx/dσ = v from σ = 1 to 0 with classifier-free guidance.
 
     ``velocity(x, sigma_B, conditional)`` returns the model's prediction with (True) or without (False) the prompt;
-    with ``cfg_scale`` == 1 only the conditional branch runs.
+    with ``cfg_scale`` == 1 only the conditional branch runs. ``before_step(σ)`` runs on the host before each step's
+    model calls (a compute schedule sets top-k / MoB κ there, src/models/compute_schedule.py).
     """
     sigmas = sampling_schedule(steps, shift).tolist()
     x = noise_BLD
     for i in range(steps):
+        if before_step is not None:
+            before_step(sigmas[i])
         sigma_B = torch.full((x.shape[0],), sigmas[i], device=x.device, dtype=x.dtype)
         v = velocity(x, sigma_B, True)
         if cfg_scale != 1.0:

@@ -9,12 +9,13 @@ comparable. Legend: B batch, L image tokens, D packed token width, T text tokens
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from torch import nn
 
+from src.models.compute_schedule import Schedule, check_schedule, model_schedules, scheduled
 from src.models.flow import (
     euler_sample,
     fixed_noise,
@@ -40,6 +41,12 @@ class SamplingConfig:
     """FLUX timestep shift of the sampling schedule; None = the model's config ``sampling_shift`` (else 1)."""
     guidance: float = 3.5
     """Value fed to a guidance-distilled transformer's guidance embedding (ignored without ``guidance_embeds``)."""
+    top_k_schedule: list[tuple[float, int]] | None = None
+    """Routed top-k as a function of σ: [[σ_max, k], …], σ_max strictly decreasing from 1.0, each entry holding down
+    to the next σ_max ([[1.0, 2], [0.5, 1]]: k = 2 for σ > 0.5, else 1); None = the model config's
+    ``sampling_schedule``, else the layers' own top-k. Models without MoE layers ignore it."""
+    mob_active_schedule: list[tuple[float, int]] | None = None
+    """MoB active blocks κ as a function of σ, in the same form; None = the model config's, else the groups' own."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -48,10 +55,26 @@ class SamplingConfig:
             raise ValueError(f"sampling.cfg_scale={self.cfg_scale}: must be >= 0")
         if self.shift is not None and self.shift <= 0:
             raise ValueError(f"sampling.shift={self.shift}: must be > 0")
+        for name in ("top_k_schedule", "mob_active_schedule"):
+            setattr(self, name, check_schedule(getattr(self, name), f"sampling.{name}"))
+
+    def __repr__(self) -> str:
+        # unset schedules stay out of the repr, so teacher-cache keys (src/training/report.py) of runs without one
+        # keep their value
+        shown = [f for f in fields(self) if not (f.name.endswith("_schedule") and getattr(self, f.name) is None)]
+        return f"SamplingConfig({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
 
     def shift_for(self, model: nn.Module) -> float:
         """The shift to sample `model` with: the explicit one, else the model's own, else 1."""
         return self.shift if self.shift is not None else (sampling_shift(model) or 1.0)
+
+    def schedules_for(self, model: nn.Module) -> tuple[Schedule | None, Schedule | None]:
+        """(top-k schedule, MoB κ schedule) to sample `model` with: the explicit ones, else the model config's."""
+        stored = model_schedules(model)
+        return (
+            self.top_k_schedule if self.top_k_schedule is not None else stored["top_k_schedule"],
+            self.mob_active_schedule if self.mob_active_schedule is not None else stored["mob_active_schedule"],
+        )
 
 
 class ShapesPipeline:
@@ -132,7 +155,8 @@ class ShapesPipeline:
             tokens, pooled = cond if conditional else uncond
             return self.velocity(x_BLD, sigma_B, tokens, pooled, transformer)
 
-        shift = s.shift_for(transformer or self.transformer)
-        x_BLD = euler_sample(velocity, noise_BLD, s.steps, s.cfg_scale, shift)
+        model = transformer or self.transformer
+        with scheduled(model, *s.schedules_for(model)) as apply:
+            x_BLD = euler_sample(velocity, noise_BLD, s.steps, s.cfg_scale, s.shift_for(model), before_step=apply)
         images = unpack(x_BLD.float(), self.patch_size, self.image_size, self.image_size)
         return to_uint8(images).numpy()

@@ -37,12 +37,14 @@ def _experiment_problem(config: dict[str, Any]) -> str | None:
 
     from src.cli import _instantiate, config_error_line, user_facing_error
     from src.models.convert import ConversionConfig
-    from src.training.experiment import StudentSpec, validate_order
+    from src.training.experiment import StudentSpec, validate_order, validate_schedules
 
     parser = _experiment_parser()
     try:
         init = _instantiate(parser, parser.parse_object(copy.deepcopy(config)))  # parse_object edits its input
-        validate_order(init.stages, init.student or StudentSpec(conversion=ConversionConfig()))
+        student = init.student or StudentSpec(conversion=ConversionConfig())
+        validate_order(init.stages, student)
+        validate_schedules(init.evaluation, student, init.data)
     except ArgumentError as err:
         return config_error_line(err)
     except UserError as err:

@@ -215,7 +215,7 @@ class Driver:
             config = configs.place_lightning_run(
                 config, trial_dir / "run", tracker.experiment_name, run_name, tracker.uri
             )
-        run_id = self.tracker.start_trial(self.parent, spec.name, number, trial.params, yaml.safe_dump(config))
+        run_id = self.tracker.start_trial(self.parent, spec.name, number, trial.params, config)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("trial_dir", str(trial_dir))
         started = time.monotonic()

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow.entities import Metric, Param
+
+from src.training.mlflow_logging import experiment_id, flat_params, log_new_params
 
 STUDY_RUN_ATTR = "mlflow_parent_run_id"
 """Study user attribute holding the study's MLflow run id (shared by every worker)."""
@@ -32,14 +35,7 @@ class Tracker:
     def __init__(self, uri: str, experiment_name: str) -> None:
         self.uri, self.experiment_name = uri, experiment_name
         self.client = mlflow.MlflowClient(tracking_uri=uri)
-        experiment = self.client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            try:
-                self.experiment_id = self.client.create_experiment(experiment_name)
-            except mlflow.exceptions.MlflowException:  # another worker created it first
-                self.experiment_id = self.client.get_experiment_by_name(experiment_name).experiment_id
-        else:
-            self.experiment_id = experiment.experiment_id
+        self.experiment_id = experiment_id(self.client, experiment_name)  # a model-training experiment in the UI
 
     def study_run(self, study: Any, params: dict[str, Any], sweep_text: str) -> str:
         """The study's parent run: the one recorded in the study, else a new one (a resumed study reuses it)."""
@@ -64,18 +60,23 @@ class Tracker:
         return run_id
 
     def start_trial(
-        self, parent_id: str, study_name: str, number: int, params: dict[str, Any], config_text: str
+        self, parent_id: str, study_name: str, number: int, params: dict[str, Any], config: dict[str, Any]
     ) -> str:
+        """The trial's run: its sampled params, its whole config as ``config.yaml`` and flattened (the keys the
+        experiment's own parent run has: ``student/conversion/layout``, ``stages/<name>/lr``, …)."""
         tags = {
             "mlflow.parentRunId": parent_id,
             "sweep.study": study_name,
             "sweep.trial": str(number),
             "sweep.state": "RUNNING",
+            "kind": "sweep_trial",
+            "experiment": str(config.get("name", study_name)),
         }
         run = self.client.create_run(self.experiment_id, run_name=f"{study_name}/trial {number}", tags=tags)
         run_id = run.info.run_id
         self.client.log_batch(run_id, params=[Param(mlflow_key(k), str(v)[:6000]) for k, v in params.items()])
-        self.client.log_text(run_id, config_text, "config.yaml")
+        log_new_params(self.client, run_id, {mlflow_key(k): v for k, v in _config_params(config).items()})
+        self.client.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
         return run_id
 
     def finish_trial(self, run_id: str, state: str, metrics: dict[str, float], reason: str | None = None) -> None:
@@ -114,6 +115,17 @@ class Tracker:
         for path, folder in files:
             self.client.log_artifact(parent_id, str(path), folder or None)
         self.client.set_terminated(parent_id, status)
+
+
+def _config_params(config: dict[str, Any]) -> dict[str, Any]:
+    """An experiment config flattened as src/training/describe.py names its params (stages by name)."""
+    config = dict(config)
+    stages = config.pop("stages", None)
+    top = {k: config.pop(k) for k in list(config) if not isinstance(config[k], dict)}
+    params = flat_params(config) | flat_params({"experiment": top})
+    if isinstance(stages, list):
+        params |= flat_params({"stages": {str(s.get("name", i)): s for i, s in enumerate(stages)}})
+    return params
 
 
 def _finite(value: Any) -> bool:

@@ -12,9 +12,11 @@ Layout of ``output_dir``: ``experiment.json`` (parent run id, fingerprint), ``ta
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,12 @@ class EvalSpec:
     teacher_cache: str | None = None
     """Folder that keeps the teacher's evaluation images by a hash of its weights, prompts, seed and sampler, so
     runs against one teacher (a sweep's variants) generate them once (None: always generate)."""
+    top_k_schedule: list[tuple[float, int]] | None = None
+    """Student's routed top-k as a function of σ while sampling, [[σ_max, k], …] from σ_max = 1.0 down (e.g.
+    [[1.0, 2], [0.5, 1]]: k = 2 for σ > 0.5, else 1); the report's activated params and FLOPs are then trajectory
+    averages (None: the trained top-k at every step)."""
+    mob_active_schedule: list[tuple[float, int]] | None = None
+    """Student's MoB active blocks κ as a function of σ, in the same form (None: the trained κ at every step)."""
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_task", "images_per_prompt", "steps", "batch_size", "latency_batch"):
@@ -135,6 +143,11 @@ class EvalSpec:
             raise ValueError(f"evaluation.cfg_scale={self.cfg_scale}: must be >= 0")
         if self.shift is not None and self.shift <= 0:
             raise ValueError(f"evaluation.shift={self.shift}: must be > 0 (or null: the teacher's own)")
+        from src.models.compute_schedule import as_lists, check_schedule
+
+        for name in ("top_k_schedule", "mob_active_schedule"):
+            # kept as lists: the experiment is dumped to YAML (sweep trial configs, fingerprints)
+            setattr(self, name, as_lists(check_schedule(getattr(self, name), f"evaluation.{name}")))
 
 
 @dataclass
@@ -217,6 +230,32 @@ def validate_order(stages: list[StageSpec], student: StudentSpec) -> None:
         raise UserError("student: depth pruning and MoB groups cannot be combined")
 
 
+def validate_schedules(evaluation: EvalSpec | None, student: StudentSpec, data: DataSpec | None) -> None:
+    """Compute schedules the evaluated student cannot follow are refused before anything runs."""
+    if evaluation is None:
+        return
+    top_k, kappa = evaluation.top_k_schedule, evaluation.mob_active_schedule
+    if (top_k or kappa) and data is not None and data.kind == "latents":
+        raise UserError(
+            "evaluation.top_k_schedule / mob_active_schedule: the prepared-latents evaluation has no sampler"
+        )
+    if top_k:
+        if student.conversion is None:
+            raise UserError("evaluation.top_k_schedule: the student has no MoE layers (student.conversion is null)")
+        from src.models.moe import parse_layout
+
+        num_experts = parse_layout(student.conversion.layout)[1]
+        if max(k for _, k in top_k) > num_experts:
+            raise UserError(f"evaluation.top_k_schedule={top_k}: top-k above the layout's {num_experts} routed experts")
+    if kappa:
+        if student.mob is None:
+            raise UserError("evaluation.mob_active_schedule: the student has no MoB groups (student.mob is null)")
+        if max(k for _, k in kappa) > student.mob.group_size:
+            raise UserError(
+                f"evaluation.mob_active_schedule={kappa}: κ above the group size m={student.mob.group_size}"
+            )
+
+
 @dataclass
 class Experiment:
     """Everything an experiment YAML holds (the arguments of ``run_experiment``)."""
@@ -291,6 +330,7 @@ def run_experiment(
         torch.set_num_threads(threads)
     student = student or StudentSpec(conversion=ConversionConfig())
     validate_order(stages, student)
+    validate_schedules(evaluation, student, data)
     if only_stage is not None and only_stage not in [s.name for s in stages]:
         raise UserError(f"only_stage={only_stage!r}: not one of {[s.name for s in stages]}")
     exp = Experiment(
@@ -320,3 +360,39 @@ def is_experiment_config(path: str) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     return isinstance(data, dict) and "stages" in data
+
+
+def yaml_keys() -> str:
+    """Every key an experiment YAML may hold, one line each with its default and docstring (``fit --help``)."""
+    import docstring_parser
+
+    lines = ["experiment YAML keys (each also works on the command line as --key.path value):"]
+
+    def walk(cls: type, prefix: str) -> None:
+        docs = {
+            p.arg_name: " ".join((p.description or "").split()) for p in docstring_parser.parse_from_object(cls).params
+        }
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            inner = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if dataclasses.is_dataclass(t)]
+            if inner:
+                walk(inner[0], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            shown = (
+                "(required)"
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                else f"= {default!r}"
+            )
+            lines.append(f"  {prefix}{f.name} {shown}  {docs.get(f.name, '')}")
+
+    lines.append("  name (required)  Experiment name (parent MLflow run name; default output folder runs/<name>).")
+    for key, cls in (("teacher", TeacherSpec), ("student", StudentSpec), ("taylor", TaylorSpec)):
+        walk(cls, f"{key}.")
+    lines.append("  stages (required)  list of stages, each with the keys below")
+    walk(StageSpec, "stages[].")
+    for key, cls in (("evaluation", EvalSpec), ("data", DataSpec)):
+        walk(cls, f"{key}.")
+    return "\n".join(lines)

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
@@ -63,6 +64,60 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             )
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+"""MLflow 3's UI shows an experiment with this kind as model training (runs, params, charts), not GenAI traces."""
+MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+MAX_PARAM_VALUE = 6000
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of MLflow experiment ``name``, created (or tagged, when older) as a model-training experiment."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except mlflow.exceptions.MlflowException:  # another process created it first
+            experiment = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
+
+
+def log_new_params(client, run_id: str, params: dict[str, Any]) -> None:
+    """Log the params the run does not have yet (MLflow refuses to change one; a resumed run keeps its first)."""
+    from mlflow.entities import Param
+
+    have = client.get_run(run_id).data.params
+    new = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in params.items() if k not in have]
+    for start in range(0, len(new), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=new[start : start + MAX_PARAMS_PER_BATCH])
+
+
+def mark_interrupted_runs(client, experiment: str, parent_run_id: str, stage: str) -> list[str]:
+    """Runs of ``stage`` still RUNNING under the parent run, left by a killed process (the output folder's lock
+    rules out a live one), become KILLED; their ids are returned for the resumed stage's ``resumed_from`` tag."""
+    found = client.search_runs(
+        [experiment],
+        filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.stage = '{stage}' "
+            "and attributes.status = 'RUNNING'"
+        ),
+    )
+    for run in found:
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_id for run in found]
+
+
+def flat_params(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts and lists as ``a/b/0`` keys (an empty container is kept as one value)."""
+    if hasattr(tree, "items") and tree:
+        return {k: v for key, value in tree.items() for k, v in flat_params(value, f"{prefix}{key}/").items()}
+    if isinstance(tree, (list, tuple)) and tree and any(isinstance(v, (dict, list, tuple)) for v in tree):
+        return {k: v for i, value in enumerate(tree) for k, v in flat_params(value, f"{prefix}{i}/").items()}
+    return {prefix.rstrip("/"): tree}
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -97,6 +152,7 @@ class MLflowLogger(MLFlowLogger):
         parent = os.environ.get("DENSE2MOE_PARENT_RUN_ID")
         if parent:
             tags.setdefault("mlflow.parentRunId", parent)
+        experiment_id(mlflow.MlflowClient(tracking_uri=uri), experiment_name)  # before Lightning creates it untagged
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
@@ -142,17 +198,8 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
         text = self.parser.dump(self.config, skip_none=False)
         # Model and data arguments arrive as hyperparameters already; the trainer's settings are added here.
         settings = {"seed_everything": self.config.get("seed_everything"), "trainer": self.config.get("trainer")}
-        params = {f"cfg/{k}": v for k, v in _flatten(settings).items() if k != "trainer/callbacks"}
+        params = {f"cfg/{k}": v for k, v in flat_params(settings).items() if k != "trainer/callbacks"}
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 logger.experiment.log_text(logger.run_id, text, "config.yaml")
                 logger.log_hyperparams(params)
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if hasattr(tree, "items"):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        return out
-    return {prefix.rstrip("/"): tree}

@@ -15,6 +15,8 @@ fidelity on the held-out split instead of GenEval-shapes, with the same paramete
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,23 +29,30 @@ import numpy as np
 
 from evaluation.bootstrap import Interval, geneval_differences, mean_interval, per_prompt_accuracy
 from evaluation.detectors import image_scorer, metric_prefix
+from evaluation.evaluate import progress_bar
 from evaluation.fidelity import fidelity
 from evaluation.generate import image_seed
 from evaluation.geneval import result_record, summarize
+from evaluation.provenance import state_dict_sha256
 from src.data.shapes import TASKS
 from src.data.worlds import WORLDS, make_world, model_world
-from src.models.accounting import count_params, flops_per_image
+from src.models.accounting import count_params, flops_per_image, trajectory_cost
 from src.models.pipeline import ShapesPipeline
 from src.training.base import image_grid
 
 
-def generate_all(pipeline: ShapesPipeline, model, metadata: list[dict], per_prompt: int, batch: int, seed: int):
+def generate_all(
+    pipeline: ShapesPipeline, model, metadata: list[dict], per_prompt: int, batch: int, seed: int, label: str = "images"
+):
     items = [(i, k) for i in range(len(metadata)) for k in range(per_prompt)]
     images = []
-    for start in range(0, len(items), batch):
-        chunk = items[start : start + batch]
-        prompts = [metadata[i]["prompt"] for i, _ in chunk]
-        images.append(pipeline(prompts, [image_seed(seed, i, k) for i, k in chunk], model))
+    with progress_bar(label, len(items)) as progress:
+        task = progress.add_task(label, total=len(items))
+        for start in range(0, len(items), batch):
+            chunk = items[start : start + batch]
+            prompts = [metadata[i]["prompt"] for i, _ in chunk]
+            images.append(pipeline(prompts, [image_seed(seed, i, k) for i, k in chunk], model))
+            progress.advance(task, len(chunk))
     return items, np.concatenate(images)
 
 
@@ -54,10 +63,7 @@ def cached_generation(pipeline: ShapesPipeline, model, metadata: list[dict], ev,
     teacher's images are made once. The key hashes the model's weights and config, the prompts, the seed, the
     image count and the sampler settings; the file is written atomically, so concurrent trials never read half of it.
     """
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    digest = hashlib.sha256(state_dict_sha256(model).encode())
     sampling = pipeline.sampling
     encoder = pipeline.text_encoder
     setting = [dict(model.config), [m["prompt"] for m in metadata], seed, ev.images_per_prompt, repr(sampling)]
@@ -67,7 +73,8 @@ def cached_generation(pipeline: ShapesPipeline, model, metadata: list[dict], ev,
     items = [(i, k) for i in range(len(metadata)) for k in range(ev.images_per_prompt)]
     if path.is_file():
         return items, np.load(path)["images"]
-    items, images = generate_all(pipeline, model, metadata, ev.images_per_prompt, ev.batch_size, seed)
+    label = "evaluation: teacher images"
+    items, images = generate_all(pipeline, model, metadata, ev.images_per_prompt, ev.batch_size, seed, label)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
     np.savez(partial, images=images)
@@ -83,6 +90,17 @@ def score(items, images, metadata, world: str = "shapes") -> tuple[dict, list[di
         correct, reason, det = scorer(image, metadata[i])
         records.append(result_record(f"{i:05d}/samples/{k:04d}.png", metadata[i], correct, reason, det))
     return summarize(records), records
+
+
+def with_schedules(pipeline: ShapesPipeline, ev) -> ShapesPipeline:
+    """`pipeline` sampling with ``ev``'s compute schedules (top-k / MoB κ as functions of σ), or itself without any."""
+    if ev.top_k_schedule is None and ev.mob_active_schedule is None:
+        return pipeline
+    scheduled = copy.copy(pipeline)
+    scheduled.sampling = dataclasses.replace(
+        pipeline.sampling, top_k_schedule=ev.top_k_schedule, mob_active_schedule=ev.mob_active_schedule
+    )
+    return scheduled
 
 
 def latency(pipeline: ShapesPipeline, model, batch: int, repeats: int = 3) -> float:
@@ -136,17 +154,22 @@ def evaluate_experiment(exp, teacher, student, pipeline: ShapesPipeline, uri: st
     student.eval()
     results: dict[str, Any] = {}
     images, accuracy = {}, {}
+    # the student samples with the compute schedules (if any); the teacher's images and cache key stay as they were
+    pipelines = {"teacher": pipeline, "student": with_schedules(pipeline, ev)}
     for name, model in (("teacher", teacher), ("student", student)):
         if name == "teacher" and ev.teacher_cache:
             items, images[name] = cached_generation(pipeline, model, metadata, ev, exp.seed)
         else:
-            items, images[name] = generate_all(pipeline, model, metadata, ev.images_per_prompt, ev.batch_size, exp.seed)
+            items, images[name] = generate_all(
+                pipelines[name], model, metadata, ev.images_per_prompt, ev.batch_size, exp.seed,
+                f"evaluation: {name} images",
+            )  # fmt: skip
         summary, records = score(items, images[name], metadata, world)
         tags, accuracy[name] = per_prompt_accuracy(records, [i for i, _ in items])
         results[f"{name}/{prefix}/overall"] = summary["overall"]
         for task, acc in summary["tasks"].items():
             results[f"{name}/{prefix}/{task}"] = acc
-        results[f"latency/{name}_s_per_image"] = latency(pipeline, model, ev.latency_batch)
+        results[f"latency/{name}_s_per_image"] = latency(pipelines[name], model, ev.latency_batch)
     close = fidelity(images["teacher"], images["student"], per_pair=True)
     per_pair = close.pop("per_pair")
     results |= {f"fidelity/{k}": v for k, v in close.items()}
@@ -165,11 +188,20 @@ def evaluate_experiment(exp, teacher, student, pipeline: ShapesPipeline, uri: st
     tokens = pipeline.tokens_per_side**2
     text_len = pipeline.text_encoder.cfg.max_tokens
     for name, model in (("teacher", teacher), ("student", student)):
-        params = count_params(model)
+        sampling = pipelines[name].sampling
+        schedules = sampling.schedules_for(model)
+        if any(s is not None for s in schedules):  # activated counts follow σ: their average over the trajectory
+            params = trajectory_cost(
+                model, sampling.steps, sampling.shift_for(model), *schedules, image_tokens=tokens, text_len=text_len
+            )
+            flops = params["flops"]
+        else:
+            params = count_params(model)
+            flops = flops_per_image(model, image_tokens=tokens, text_len=text_len)["total"]
         results[f"params/{name}_total"] = params["total"]
         results[f"params/{name}_activated"] = params["activated"]
         results[f"params/{name}_activated_without_modulation"] = params["activated_without_modulation"]
-        results[f"flops/{name}"] = flops_per_image(model, image_tokens=tokens, text_len=text_len)["total"]
+        results[f"flops/{name}"] = flops
     results["params/activated"] = results["params/student_activated"]
     results["flops"] = results["flops/student"]
     results[f"{prefix}/overall"] = results[f"student/{prefix}/overall"]

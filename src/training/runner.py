@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import mlflow
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -24,10 +25,19 @@ from src.models.student import StudentRecipe, build_student, with_mob
 from src.training.accumulation import accumulate_datamodule
 from src.training.callbacks import ExpertLoadCallback, StageProgressBar
 from src.training.conditioning import LatentConditioning, ShapesConditioning, velocity
+from src.training.describe import config_yaml, experiment_params, stage_params
 from src.training.distill import DistillStage, StageSpec
 from src.training.experiment import Experiment
 from src.training.folder_lock import folder_lock
-from src.training.mlflow_logging import MLflowLogger, check_tracking_uri, resolve_tracking_uri
+from src.training.mlflow_logging import (
+    MLflowLogger,
+    check_tracking_uri,
+    experiment_id,
+    git_commit,
+    log_new_params,
+    mark_interrupted_runs,
+    resolve_tracking_uri,
+)
 from src.training.precision import STUDENT_LOAD_DTYPE
 from src.training.strategies import (
     build_strategy,
@@ -39,12 +49,23 @@ from src.training.strategies import (
     rank_barrier,
 )
 from src.training.teacher import check_writable_dir
+from src.training.terminal import quiet_lightning
 
 
 def load_teacher(exp: Experiment) -> torch.nn.Module:
     """The dense teacher in ``teacher.dtype`` from a transformer folder, a FLUX pipeline folder (with
     ``subfolder: transformer``) or a hub id; diffusers builds it on the meta device, then assigns the weights."""
-    from evaluation.generate import DTYPES, is_hub_id
+    from evaluation.generate import DTYPES
+
+    spec = exp.teacher
+    folder = teacher_folder(exp)
+    teacher = load_transformer(folder, spec.expected or None, dtype=DTYPES[spec.dtype], low_cpu_mem_usage=True)
+    return teacher.eval().requires_grad_(False)
+
+
+def teacher_folder(exp: Experiment) -> Path:
+    """The checked local folder of the teacher's transformer (a hub id is downloaded first)."""
+    from evaluation.generate import is_hub_id
 
     spec = exp.teacher
     root = Path(spec.path).expanduser()
@@ -52,8 +73,7 @@ def load_teacher(exp: Experiment) -> torch.nn.Module:
         root = _hub_snapshot(spec.path, spec.subfolder)
     folder = root / spec.subfolder if spec.subfolder else root
     _check_teacher_folder(spec.path, root, folder)
-    teacher = load_transformer(folder, spec.expected or None, dtype=DTYPES[spec.dtype], low_cpu_mem_usage=True)
-    return teacher.eval().requires_grad_(False)
+    return folder
 
 
 def _hub_snapshot(repo: str, subfolder: str | None) -> Path:
@@ -163,6 +183,17 @@ def taylor_batches(exp: Experiment, conditioning, teacher: torch.nn.Module):
         yield {"x_t": x_t, "sigma": sigma, "inputs": inputs, "target": target}
 
 
+def _counted(batches, label: str, total: int):
+    """``batches`` with a progress bar that advances as each one is consumed (src/models stays free of it)."""
+    from evaluation.evaluate import progress_bar
+
+    with progress_bar(label, total) as progress:
+        task = progress.add_task(label, total=total)
+        for batch in batches:
+            yield batch
+            progress.advance(task)
+
+
 def initial_student(exp: Experiment, teacher: torch.nn.Module, conditioning) -> torch.nn.Module:
     from src.models.prune import block_importance_mse
     from src.models.taylor import load_scores, save_scores, taylor_scores
@@ -174,6 +205,7 @@ def initial_student(exp: Experiment, teacher: torch.nn.Module, conditioning) -> 
     scores = None
     if needs_scores:
         path = exp.output_dir / "taylor_scores.safetensors"
+        n = exp.taylor.batches
         if path.exists():
             scores = load_scores(path)
         else:
@@ -182,8 +214,8 @@ def initial_student(exp: Experiment, teacher: torch.nn.Module, conditioning) -> 
                 v = velocity(model, b["x_t"], b["sigma"], b["inputs"], conditioning.guidance)
                 return torch.nn.functional.mse_loss(v.float(), b["target"])
 
-            print(f"Taylor scores over {exp.taylor.batches} calibration batches ({exp.taylor.loss} loss)")
-            scores = taylor_scores(teacher, taylor_batches(exp, conditioning, teacher), loss_fn)
+            label = f"Taylor scores ({exp.taylor.loss} loss)"
+            scores = taylor_scores(teacher, _counted(taylor_batches(exp, conditioning, teacher), label, n), loss_fn)
             if is_main_rank():  # every rank computes the same scores; one writes them, atomically
                 save_scores(path.with_suffix(".partial"), scores)
                 os.replace(path.with_suffix(".partial"), path)
@@ -220,7 +252,11 @@ def _newest_checkpoint(folder: Path) -> tuple[Path, set[str]] | tuple[None, None
     return None, None
 
 
-def run_stage(exp: Experiment, index: int, teacher, student, conditioning, parent_run_id: str) -> torch.nn.Module:
+def run_stage(
+    exp: Experiment, index: int, teacher, student, conditioning, parent_run_id: str, params: dict[str, Any]
+) -> torch.nn.Module:
+    """One stage's ``Trainer.fit`` (resumed from its newest checkpoint) in its own MLflow run; ``params``: the
+    parent run's, of which the stage run logs its share (src/training/describe.py)."""
     spec: StageSpec = exp.stages[index]
     stage_dir = exp.output_dir / spec.name
     ckpt_dir = stage_dir / "checkpoints"
@@ -244,11 +280,17 @@ def run_stage(exp: Experiment, index: int, teacher, student, conditioning, paren
             )
     module = DistillStage(teacher, student, spec, conditioning, seed=exp.seed + 1009 * index)
     os.environ["DENSE2MOE_PARENT_RUN_ID"] = parent_run_id
+    tags = {"stage": spec.name, "stage_kind": spec.kind, "experiment": exp.name, "kind": "stage"}
+    if is_main_rank() and parent_run_id:
+        client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(exp.tracking_uri))
+        killed = mark_interrupted_runs(client, experiment_id(client, exp.experiment_name), parent_run_id, spec.name)
+        if killed:
+            tags["resumed_from"] = ",".join(killed)
     logger = MLflowLogger(
         experiment_name=exp.experiment_name,
         run_name=f"{exp.name}/{spec.name}",
         tracking_uri=exp.tracking_uri,
-        tags={"stage": spec.name, "stage_kind": spec.kind, "experiment": exp.name},
+        tags=tags,
     )
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
@@ -274,7 +316,11 @@ def run_stage(exp: Experiment, index: int, teacher, student, conditioning, paren
         log_every_n_steps=min(10, spec.steps),
         enable_model_summary=False,
     )
+    quiet_lightning()
     trainer = L.Trainer(**(trainer_args | spec.extra_trainer))  # extra_trainer may override any default
+    if is_main_rank() and params:
+        log_new_params(logger.experiment, logger.run_id, stage_params(params))
+        logger.experiment.log_text(logger.run_id, config_yaml(exp), "config.yaml")
     # the stream yields each optimizer step's whole per-device batch; MicroBatches hands it out in slices
     parts = spec.accumulate_grad_batches
     data = _stream_data(exp, spec.batch_size * parts, offset=104729 * (index + 1), teacher=teacher)
@@ -342,7 +388,13 @@ def check_stage_folders(exp: Experiment, only_stage: str | None) -> None:
 def _run_stages(exp: Experiment, only_stage: str | None, teacher, conditioning, uri: str) -> dict[str, Any]:
     from src.training.report import evaluate_experiment, evaluate_latents
 
-    parent = _parent_run(exp, uri) if is_main_rank() else ""
+    parent, params = "", {}
+    if is_main_rank():
+        parent = _parent_run(exp, uri)
+        params = experiment_params(exp, teacher, teacher_folder(exp))
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        log_new_params(client, parent, params)
+        client.log_text(parent, config_yaml(exp), "config.yaml")
     started = time.perf_counter()
     student_dir: Path | None = None
     try:
@@ -369,7 +421,7 @@ def _run_stages(exp: Experiment, only_stage: str | None, teacher, conditioning, 
                 student = load_transformer(student_dir, torch_dtype=STUDENT_LOAD_DTYPE)
             if spec.kind == "mob_kd" and not mob_groups(student):
                 student = with_mob(student, exp.student.mob)
-            student = run_stage(exp, index, teacher, student, conditioning, parent)
+            student = run_stage(exp, index, teacher, student, conditioning, parent, params)
             if has_fsdp_units(teacher):  # FSDP sharded the teacher's blocks in place: a whole one for what follows
                 teacher = load_teacher(exp)
                 if conditioning.pipeline is not None:
@@ -405,8 +457,6 @@ def _run_stages(exp: Experiment, only_stage: str | None, teacher, conditioning, 
 
 def _parent_run(exp: Experiment, uri: str) -> str:
     """The experiment's parent MLflow run: reused when the same output folder is resumed."""
-    import mlflow
-
     state_file = exp.output_dir / "experiment.json"
     client = mlflow.MlflowClient(tracking_uri=uri)
     if state_file.exists():
@@ -419,10 +469,7 @@ def _parent_run(exp: Experiment, uri: str) -> str:
             return run_id
         except mlflow.exceptions.MlflowException:
             pass
-    experiment = client.get_experiment_by_name(exp.experiment_name)
-    exp_id = experiment.experiment_id if experiment else client.create_experiment(exp.experiment_name)
-    from src.training.mlflow_logging import git_commit
-
+    exp_id = experiment_id(client, exp.experiment_name)
     tags = {"experiment": exp.name, "kind": "dense2moe"}
     if exp.mlflow_parent_run_id:  # a sweep trial's run
         tags["mlflow.parentRunId"] = exp.mlflow_parent_run_id
@@ -434,8 +481,6 @@ def _parent_run(exp: Experiment, uri: str) -> str:
 
 
 def _finish_parent(uri: str, run_id: str, status: str, seconds: float | None = None) -> None:
-    import mlflow
-
     client = mlflow.MlflowClient(tracking_uri=uri)
     if seconds is not None:
         client.log_metric(run_id, "time/fit_seconds", seconds)
