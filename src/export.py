@@ -23,7 +23,14 @@ FLUX_DEV_ID = "black-forest-labs/FLUX.1-dev"
 _CARD_TAGS = ("text-to-image", "diffusers", "flux", "mixture-of-experts", "dense2moe", "distillation")
 
 
-def export(ckpt: str, out: str, base_model: str | None = None, top_k: int | None = None) -> dict[str, Any]:
+def export(
+    ckpt: str,
+    out: str,
+    base_model: str | None = None,
+    top_k: int | None = None,
+    top_k_schedule: list[tuple[float, int]] | None = None,
+    mob_active_schedule: list[tuple[float, int]] | None = None,
+) -> dict[str, Any]:
     """Write a trained student as a diffusers model folder (config + safetensors) with a README.md model card.
 
     Args:
@@ -34,6 +41,10 @@ def export(ckpt: str, out: str, base_model: str | None = None, top_k: int | None
         base_model: Hub id or path of the pipeline the student belongs to, for the model card (default:
             black-forest-labs/FLUX.1-dev when the architecture is FLUX.1-dev's, else none).
         top_k: Routed experts per token stored in the exported config (default: the trained value).
+        top_k_schedule: Top-k as a function of σ stored in the exported config (key ``sampling_schedule``), which
+            the project's sampler and ``evaluate`` follow by default: [[σ_max, k], …] from σ_max = 1.0 down, e.g.
+            [[1.0, 2], [0.5, 1]] (k = 2 for σ > 0.5, else 1).
+        mob_active_schedule: MoB active blocks κ as a function of σ, stored the same way.
     """
     from src.training.teacher import check_writable_dir
 
@@ -49,6 +60,8 @@ def export(ckpt: str, out: str, base_model: str | None = None, top_k: int | None
             set_top_k(student, top_k)
         except ValueError as err:
             raise UserError(f"top_k: {err}") from None
+    if top_k_schedule is not None or mob_active_schedule is not None:
+        store_schedules(student, top_k_schedule, mob_active_schedule)
     base = base_model or _default_base(student)
     try:  # a full disk or a kill leaves no half-written export
         with replaced_folder(out_dir) as partial:
@@ -67,6 +80,26 @@ def export(ckpt: str, out: str, base_model: str | None = None, top_k: int | None
         f"({params['activated_without_modulation']:,} without AdaLN modulation)"
     )
     return {"out": str(out_dir), "source": source, "params": params, "evaluation": summary}
+
+
+def store_schedules(student: nn.Module, top_k_schedule, mob_active_schedule) -> None:
+    """Check the compute schedules against the student and keep them in its config (``sampling_schedule``)."""
+    from src.models.compute_schedule import SCHEDULE_KEYS, as_lists, check_fits, check_schedule
+    from src.models.mob import mob_groups
+    from src.models.moe import moe_layers
+
+    given = {"top_k_schedule": top_k_schedule, "mob_active_schedule": mob_active_schedule}
+    try:
+        checked = {name: check_schedule(value, name) for name, value in given.items()}
+        check_fits(student, checked["top_k_schedule"], checked["mob_active_schedule"])
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if checked["top_k_schedule"] is not None and not moe_layers(student):
+        raise UserError("top_k_schedule: the student has no MoE layers to route")
+    if checked["mob_active_schedule"] is not None and not mob_groups(student):
+        raise UserError("mob_active_schedule: the student has no MoB groups")
+    stored = {key: as_lists(checked[field]) for key, field in SCHEDULE_KEYS.items() if checked[field] is not None}
+    student.register_to_config(sampling_schedule=stored)
 
 
 # --- reading what --ckpt points at ---------------------------------------------------------------------------------
@@ -216,6 +249,12 @@ def _layout_rows(model: nn.Module) -> list[tuple[str, str]]:
                 f"κ={mob['active']} active per sample ({mob['selection']})",
             )
         )
+    from src.models.compute_schedule import describe, model_schedules
+
+    for field, schedule in model_schedules(model).items():
+        if schedule is not None:
+            what = "top-k" if field == "top_k_schedule" else "MoB κ"
+            rows.append((f"sampling {what} by noise level σ", describe(schedule)))
     if s["ffn_widths"]:
         rows.append(("width-pruned FFNs", f"{len(s['ffn_widths'])} narrowed"))
     if s["kept_double"] is not None or s["kept_single"] is not None:
@@ -322,4 +361,11 @@ def model_card(model: nn.Module, base: str | None, source: str, summary: dict[st
         "The model class lives in the dense2moe repository (`src/models/flux_moe.py`).",
         "",
     ]
+    if model.config.get("sampling_schedule"):
+        lines += [
+            "The config's `sampling_schedule` (top-k / κ by noise level, see Layout) is followed by the repository's "
+            "sampler and `evaluate` (src/models/compute_schedule.py); diffusers' FluxPipeline samples at the "
+            "config's fixed top-k.",
+            "",
+        ]
     return "\n".join(lines)

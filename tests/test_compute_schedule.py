@@ -142,3 +142,60 @@ def test_schedule_flops_lie_between_the_two_constant_schedules():
     assert low["flops"] < mixed["flops"] < high["flops"]
     assert low["activated"] < mixed["activated"] < high["activated"]
     assert low["total"] == mixed["total"] == high["total"]
+
+
+def test_export_stores_the_schedule_the_card_shows_it_and_evaluate_follows_it(tmp_path, capsys):
+    from evaluation.evaluate import evaluate
+    from src.export import export
+    from src.models.loading import load_transformer
+
+    tiny_student().save_pretrained(tmp_path / "student")
+    export(str(tmp_path / "student"), str(tmp_path / "out"), top_k_schedule=TWO_THEN_ONE)
+    exported = load_transformer(tmp_path / "out")
+    assert model_schedules(exported)["top_k_schedule"] == ((1.0, 2), (0.5, 1))
+    assert moe_layers(exported)[0].top_k == 2  # the stored fixed top-k is untouched
+    assert (
+        "| sampling top-k by noise level σ | σ ∈ (0.5, 1] → 2, σ ∈ [0, 0.5] → 1 |"
+        in (tmp_path / "out" / "README.md").read_text()
+    )
+
+    common = dict(images_per_prompt=1, limit=6, steps=4, batch_size=8, log_mlflow=False, device="cpu")
+    scheduled = evaluate(str(tmp_path / "out"), out=str(tmp_path / "eval_sched"), **common)
+    constant = evaluate(str(tmp_path / "out"), out=str(tmp_path / "eval_k2"), top_k=2, **common)
+    assert scheduled["provenance"]["protocol"]["sampler.top_k_schedule"] == [[1.0, 2], [0.5, 1]]
+    assert constant["provenance"]["protocol"]["sampler.top_k_schedule"] == [[1.0, 2]]  # --top_k beats the config's
+    assert scheduled["cost"]["flops"] < constant["cost"]["flops"]
+    assert scheduled["cost"]["params/activated"] < constant["cost"]["params/activated"]
+
+
+def test_bad_schedule_on_the_command_line_is_one_error_line(tmp_path, capsys):
+    from src.cli import main
+
+    tiny_student().save_pretrained(tmp_path / "student")
+    args = ["--model", str(tmp_path / "student"), "--out", str(tmp_path / "e"), "--log_mlflow", "false"]
+    for schedule, why in (("[[1.0,2],[0.5,1],[0.7,1]]", "overlaps"), ("[[0.9,2]]", "gap"), ("[[1.0,9]]", "exceeds")):
+        with pytest.raises(SystemExit) as exc:
+            main(["evaluate", *args, "--top_k_schedule", schedule])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: top_k_schedule=") and why in lines[0], err
+    assert not (tmp_path / "e").exists()
+
+
+def test_experiment_evaluation_refuses_schedules_the_student_cannot_follow():
+    from src.errors import UserError
+    from src.training.experiment import DataSpec, EvalSpec, StudentSpec, validate_schedules
+
+    with pytest.raises(ValueError, match=r"^evaluation.top_k_schedule=.*gap"):
+        EvalSpec(top_k_schedule=[[0.5, 1]])
+    moe = StudentSpec(conversion=ConversionConfig(layout="1S4E2A"))
+    validate_schedules(EvalSpec(top_k_schedule=TWO_THEN_ONE), moe, DataSpec())
+    for evaluation, student, data, why in (
+        (EvalSpec(top_k_schedule=[[1.0, 5]]), moe, DataSpec(), "4 routed experts"),
+        (EvalSpec(mob_active_schedule=[[1.0, 1]]), moe, DataSpec(), "no MoB groups"),
+        (EvalSpec(top_k_schedule=TWO_THEN_ONE), StudentSpec(), DataSpec(), "no MoE layers"),
+        (EvalSpec(top_k_schedule=TWO_THEN_ONE), moe, DataSpec(kind="latents", path="x"), "latents"),
+    ):
+        with pytest.raises(UserError, match=why):
+            validate_schedules(evaluation, student, data)

@@ -7,6 +7,7 @@ the experiment's config is refused before anything is trained or overwritten.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import logging
@@ -20,7 +21,7 @@ from torch import nn
 from src.errors import UserError
 
 KNOWN_CLASSES = ("FluxTransformer2DModel", "FluxMoETransformer2DModel")
-PROJECT_CONFIG_KEYS = ("prediction_type", "sampling_shift", "world")
+PROJECT_CONFIG_KEYS = ("prediction_type", "sampling_shift", "sampling_schedule", "world")
 
 
 def _model_class(name: str) -> type:
@@ -109,8 +110,13 @@ def _quiet_extra_config_keys() -> Iterator[None]:
 
 
 def _quoted_keys(message: str) -> list[str]:
-    start, end = message.find("{"), message.find("}")
-    return re.findall(r"'([^']+)':", message[start : end + 1]) if start >= 0 else []
+    start, end = message.find("{"), message.rfind("}")
+    if start < 0:
+        return []
+    try:  # the top-level keys only: a value may be a dict of its own (``sampling_schedule``)
+        return [str(key) for key in ast.literal_eval(message[start : end + 1])]
+    except (ValueError, SyntaxError):
+        return re.findall(r"'([^']+)':", message[start : end + 1])
 
 
 def _norm(value: Any) -> Any:
