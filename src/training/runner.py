@@ -87,8 +87,8 @@ def _hub_snapshot(repo: str, subfolder: str | None) -> Path:
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - offline, gated, unknown repo: each its own type
         raise UserError(
-            f"teacher.path {repo}: no local folder {Path(repo).expanduser().absolute()}, and as a hub id it cannot "
-            f"be fetched ({short_reason(exc)}); set teacher.path to a FluxTransformer2DModel folder (relative paths "
+            f"teacher.path {repo}: no local folder {Path(repo).expanduser().absolute()}, and as a hub id the hub "
+            f"cannot provide it ({short_reason(exc)}); set teacher.path to a FluxTransformer2DModel folder (relative paths "
             "in a config file resolve against its folder or the project root) or to a hub id reachable from here"
         ) from None
 
