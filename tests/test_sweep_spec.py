@@ -179,3 +179,15 @@ def test_dry_run_prints_the_first_trial_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 trials (grid sampler)" in out and "layout: 1S12E2A" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_trial_threads_follow_the_users_openmp_setting(monkeypatch):
+    from src.sweep.trial import child_env
+
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    env = child_env(2)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    env = child_env(2)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"

@@ -58,9 +58,12 @@ def child_env(threads: int | None) -> dict[str, str]:
     env.pop("DENSE2MOE_PARENT_RUN_ID", None)
     root = str(project_root())
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    if threads:
+    # One value for both pools: a user's OMP_NUM_THREADS=1 must not leave MKL at cores/workers, which oversubscribes
+    # the cores when several sweep commands share a machine.
+    chosen = env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS") or (str(threads) if threads else None)
+    if chosen:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(name, str(threads))
+            env.setdefault(name, chosen)
     return env
 
 
