@@ -462,7 +462,9 @@ class MoEFeedForward(nn.Module):
         y_TKD = y_ND.index_select(0, rank_N).view(-1, K, self.dim)
         self.last_topk_idx_TK = topk_idx_TK.detach()
         self._record(logits_ET, scores_ET, counts_E, expert_N.numel())
-        return (out_TD.float() + y_TKD.float().sum(dim=1)).to(dtype)
+        # In place into the shared expert's fresh output (its backward does not need it): one pass less than a sum.
+        acc_TD = out_TD if out_TD.dtype == torch.float32 else out_TD.float()
+        return acc_TD.add_(y_TKD.sum(dim=1, dtype=torch.float32)).to(dtype)
 
     def route_expert_choice(self, x_TD: Tensor, pools: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Expert choice → (logits_ET, scores_ET, gates_EM, token_EM), in fp32 also under autocast.
