@@ -307,3 +307,25 @@ def test_bf16_module_runs_grouped_mm_and_keeps_the_selection_bias_in_fp32():
     out = layer(x.bfloat16())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_the_cpu_and_cuda_combines_agree_and_both_pass_gradients():
+    """The CUDA path (permutation gather + sum in choice order) is dead code on a CPU run: test it here."""
+    from src.models.moe import combine
+
+    torch.manual_seed(0)
+    T, K, D, E = 64, 2, 8, 6
+    expert_N = torch.randint(E, (T * K,))
+    order_N = torch.argsort(expert_N, stable=True)
+    token_N = torch.div(order_N, K, rounding_mode="floor")
+    y_ND = torch.randn(T * K, D, requires_grad=True)
+    base_TD = torch.randn(T, D)
+    outs, grads = [], []
+    for gather in (False, True):
+        out = combine(base_TD.clone(), y_ND, token_N, order_N, K, gather)
+        (g,) = torch.autograd.grad((out * torch.arange(D)).sum(), y_ND)
+        outs.append(out.detach())
+        grads.append(g)
+    reference = base_TD.clone().index_add_(0, token_N, y_ND.detach())
+    assert torch.allclose(outs[0], reference) and torch.allclose(outs[1], reference, atol=1e-6)
+    assert torch.equal(grads[0], grads[1])

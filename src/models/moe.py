@@ -238,6 +238,22 @@ def grouped_mm_supported(dtype: torch.dtype, *widths: int) -> bool:
     return all(w * itemsize % 16 == 0 for w in widths)
 
 
+def combine(acc_TD: Tensor, y_ND: Tensor, token_N: Tensor, order_N: Tensor, K: int, gather: bool) -> Tensor:
+    """acc_TD += the K expert outputs of every token, in fp32 and in a fixed order (``acc_TD`` is fp32, changed).
+
+    ``y_ND`` holds the outputs in expert-sorted order: row n belongs to token ``token_N[n]`` and is pair
+    ``order_N[n]`` of the (token, choice) list. Without ``gather``, one ``index_add_`` — on the CPU it adds the rows
+    one after another in index order: deterministic, one pass. CUDA's ``index_add_`` uses atomics (the order varies
+    from run to run), so there (``gather``) a permutation gather puts the rows back in (token, choice) order (its
+    backward writes each row once) and the K outputs of a token are summed in choice order.
+    """
+    if not gather:
+        return acc_TD.index_add_(0, token_N, y_ND.float())
+    rank_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
+    y_TKD = y_ND.index_select(0, rank_N).view(-1, K, y_ND.shape[-1])
+    return acc_TD.add_(y_TKD.sum(dim=1, dtype=torch.float32))
+
+
 class RouterLogits(torch.autograd.Function):
     """logits_ET = W_ED·x_TDᵀ computed in fp32 (also under autocast), saving x in its own dtype for the backward.
 
@@ -456,15 +472,11 @@ class MoEFeedForward(nn.Module):
         # In place when nothing needs the ungated hidden for a backward (inference).
         h_NF = h_NF * gate_N1 if h_NF.requires_grad or gate_N1.requires_grad else h_NF.mul_(gate_N1)
         y_ND = self._expert_matmul(h_NF, self.w_down.to(dtype), counts_E, offs_E)
-        # Back to (token, choice) order: row n of the sorted rows is pair order_N[n]. A permutation gather (its
-        # backward writes each row once), then the K outputs of a token summed in fp32 in a fixed order.
-        rank_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
-        y_TKD = y_ND.index_select(0, rank_N).view(-1, K, self.dim)
         self.last_topk_idx_TK = topk_idx_TK.detach()
         self._record(logits_ET, scores_ET, counts_E, expert_N.numel())
-        # In place into the shared expert's fresh output (its backward does not need it): one pass less than a sum.
+        # Into the shared expert's fresh output (its backward does not need it), accumulated in fp32.
         acc_TD = out_TD if out_TD.dtype == torch.float32 else out_TD.float()
-        return acc_TD.add_(y_TKD.sum(dim=1, dtype=torch.float32)).to(dtype)
+        return combine(acc_TD, y_ND, token_N, order_N, K, gather=x_TD.device.type != "cpu").to(dtype)
 
     def route_expert_choice(self, x_TD: Tensor, pools: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Expert choice → (logits_ET, scores_ET, gates_EM, token_EM), in fp32 also under autocast.
