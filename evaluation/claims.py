@@ -78,7 +78,8 @@ class ClaimResult:
         digits = 3 if self.claim.metric in ("ssim", "lpips") else 1
         return (
             f"| {self.claim.name} | {self.claim.better} − {self.claim.worse} | {self.claim.metric} | "
-            f"{self.delta.format(scale, digits)}{unit} | {scale * mean:+.{digits}f} ± {scale * sd:.{digits}f} "
+            f"{self.delta.format(scale, digits)}{unit} | {f'{scale * mean:+.{digits}f}'.replace('-', '−')} ± "
+            f"{scale * sd:.{digits}f} "
             f"(n={len(self.seeds)}) | **{self.verdict}** |"
         )
 
