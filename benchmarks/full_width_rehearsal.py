@@ -46,22 +46,6 @@ FLUX_DEV_BLOCK = dict(
 STAGES = ("taylor", "shared_kd", "moe_kd", "mob_kd")
 
 
-def allocation_peak(fn) -> int:
-    """Highest sum of CPU allocations minus frees while ``fn`` runs (bytes above what was live before)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
@@ -105,7 +89,7 @@ def run(args: argparse.Namespace, stages: list[str], side: int) -> list[dict]:
 
     from src.models.convert import ConversionConfig
     from src.models.flux_moe import dense_ffns
-    from src.models.memory import StageSetup, plan_stage
+    from src.models.memory import StageSetup, allocation_peak, plan_stage
     from src.models.mob import MoBConfig
     from src.models.moe import moe_layers
     from src.models.student import StudentRecipe, build_student, tensor_bytes, with_mob

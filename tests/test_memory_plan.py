@@ -7,12 +7,11 @@ import pytest
 import torch
 from conftest import ROOT
 from diffusers import FluxTransformer2DModel
-from torch.profiler import ProfilerActivity, profile
 
 from src.cli import main
 from src.models.convert import ConversionConfig
 from src.models.flux_moe import dense_ffns
-from src.models.memory import StageSetup, plan_stage
+from src.models.memory import StageSetup, allocation_peak, plan_stage
 from src.models.mob import MoBConfig
 from src.models.student import StudentRecipe, build_student, tensor_bytes
 from src.training.conditioning import LatentConditioning
@@ -31,20 +30,6 @@ SMALL = dict(
     axes_dims_rope=(4, 14, 14),
 )
 B, SIDE, TEXT = 2, 32, 32  # 32×32 latents → 256 image tokens, + 32 text tokens
-
-
-def allocation_peak(fn) -> int:
-    """Highest sum of CPU allocations minus frees while ``fn`` runs (torch.profiler's memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def measured_and_planned(kind: str, precision: str) -> tuple[int, int]:

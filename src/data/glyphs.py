@@ -36,11 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from src.data.shapes import NUMBERS, RELATIONS, TASKS  # GenEval's wording, shared by both worlds
+
 GENEVAL_DIR = Path(__file__).resolve().parents[2] / "evaluation" / "data" / "geneval"
 CLASSES: tuple[str, ...] = tuple(
     line.strip() for line in (GENEVAL_DIR / "object_names.txt").read_text().splitlines() if line.strip()
 )
-GLYPH_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 GLYPH_PALETTE = {
     "red": (230, 30, 30),
     "orange": (255, 140, 0),
@@ -53,14 +54,13 @@ GLYPH_PALETTE = {
     "black": (10, 10, 10),
     "white": (245, 245, 245),
 }
+GLYPH_COLORS = tuple(GLYPH_PALETTE)
+"""GenEval's ten colours, in its order."""
 GLYPH_BACKGROUND = (128, 128, 128)
 CELL = 8
 """Cell side in pixels: one glyph per cell, one cell per 8×8-pixel token."""
 GLYPH = 6
 """Glyph side in pixels, centred in its cell (1 pixel of background on every side)."""
-NUMBERS = {2: "two", 3: "three", 4: "four"}
-RELATIONS = ("left of", "right of", "above", "below")
-TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 TRAIN_TASKS = ("two_object", "counting", "colors", "position", "color_attr")
 """Tasks the training sampler draws: every single_object prompt is one of GenEval's evaluation prompts."""
 MIN_DISTANCES = range(5, 15)

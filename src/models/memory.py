@@ -286,3 +286,20 @@ def format_plan(plans: dict[str, dict[str, int]], settings: dict[str, dict[str, 
 
 
 __all__ = ["StageSetup", "block_constants", "format_plan", "plan_stage"]
+
+
+def allocation_peak(fn) -> int:
+    """Highest sum of CPU allocations minus frees while ``fn`` runs (bytes above what was live before), from
+    torch.profiler's memory events: what the plan is checked against on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
