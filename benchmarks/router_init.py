@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from src.commands import _load_experiment
-from src.models.moe import moe_layers
+from src.models.moe import load_tracking, moe_layers
 from src.models.pipeline import SamplingConfig, ShapesPipeline
 from src.training.conditioning import ShapesConditioning, velocity
 from src.training.experiment import DataSpec, EvalSpec, Experiment, TaylorSpec, TeacherSpec
@@ -37,7 +37,7 @@ def routing_stats(student: torch.nn.Module, teacher: torch.nn.Module, batches: l
     layers = moe_layers(student)
     counts_LE = [torch.zeros(layer.num_experts) for layer in layers]
     err = ref = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), load_tracking(student, True):
         for b in batches:
             v_s = velocity(student, b["x_t"], b["sigma"], b["inputs"], guidance).float()
             v_t = velocity(teacher, b["x_t"], b["sigma"], b["inputs"], guidance).float()

@@ -5,7 +5,7 @@ import torch
 from conftest import dense_model
 
 from src.models.convert import ConversionConfig, convert_flux_to_moe
-from src.models.moe import moe_layers
+from src.models.moe import load_tracking, moe_layers
 
 
 def _first_forward_loads(router_init: str | None) -> list[torch.Tensor]:
@@ -18,7 +18,7 @@ def _first_forward_loads(router_init: str | None) -> list[torch.Tensor]:
     student = convert_flux_to_moe(dense, config).eval()
     gen = torch.Generator().manual_seed(0)
     batch, image_tokens, text_tokens = 4, 64, 8
-    with torch.no_grad():
+    with torch.no_grad(), load_tracking(student, True):
         student(
             hidden_states=torch.randn(batch, image_tokens, 16, generator=gen),
             encoder_hidden_states=torch.randn(batch, text_tokens, 32, generator=gen),

@@ -11,7 +11,15 @@ from conftest import ROOT, TINY_FLUX
 
 from src.cli import TOOLS, TRAINER_COMMANDS, main
 
-FILTERED = ("GPU available", "TPU available", "💡 Tip", "litlogger", "LeafSpec", "in eval mode at the start")
+FILTERED = (
+    "GPU available",
+    "TPU available",
+    "💡 Tip",
+    "litlogger",
+    "LeafSpec",
+    "in eval mode at the start",
+    "`Trainer.fit` stopped",
+)
 
 
 def test_a_debug_fit_prints_no_lightning_banners_and_shows_progress(tmp_path, mlflow_template):
@@ -50,3 +58,14 @@ def test_fit_help_shows_the_experiment_yaml_keys(capsys):
     assert "usage: python -m src.cli fit" in out and "--only_stage" in out
     for key in ("teacher.path", "student.conversion.layout", "student.mob.group_size", "stages[].kind", "data.kind"):
         assert f"\n  {key} " in out, key
+
+
+def test_a_new_mlflow_database_is_created_silently(tmp_path):
+    code = (
+        "from src.training.terminal import quiet_lightning; quiet_lightning(); import mlflow; "
+        f"mlflow.set_tracking_uri('sqlite:///{tmp_path / 'new.db'}'); mlflow.MlflowClient().search_experiments()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "new.db").exists()
+    assert "database tables" not in done.stdout + done.stderr and "alembic" not in done.stdout + done.stderr

@@ -116,12 +116,16 @@ def euler_sample(
     shift: float = 1.0,
     progress: Callable[[int], None] | None = None,
     before_step: Callable[[float], None] | None = None,
+    batch_cfg: bool = False,
 ) -> torch.Tensor:
     """Integrate dx/dσ = v from σ = 1 to 0 with classifier-free guidance.
 
     ``velocity(x, sigma_B, conditional)`` returns the model's prediction with (True) or without (False) the prompt;
-    with ``cfg_scale`` == 1 only the conditional branch runs. ``before_step(σ)`` runs on the host before each step's
-    model calls (a compute schedule sets top-k / MoB κ there, src/models/compute_schedule.py).
+    with ``cfg_scale`` == 1 only the conditional branch runs. With ``batch_cfg`` both branches run as one call,
+    ``velocity(cat[x, x], sigma_2B, None)``, whose first half is conditional and second half unconditional (half the
+    model calls, twice the rows per matmul: the same result for any model that treats samples independently).
+    ``before_step(σ)`` runs on the host before each step's model calls (a compute schedule sets top-k / MoB κ there,
+    src/models/compute_schedule.py).
     """
     sigmas = sampling_schedule(steps, shift).tolist()
     x = noise_BLD
@@ -129,10 +133,15 @@ def euler_sample(
         if before_step is not None:
             before_step(sigmas[i])
         sigma_B = torch.full((x.shape[0],), sigmas[i], device=x.device, dtype=x.dtype)
-        v = velocity(x, sigma_B, True)
-        if cfg_scale != 1.0:
+        if cfg_scale != 1.0 and batch_cfg:
+            v, v_uncond = velocity(torch.cat([x, x]), torch.cat([sigma_B, sigma_B]), None).chunk(2)
+            v = v_uncond + cfg_scale * (v - v_uncond)
+        elif cfg_scale != 1.0:
+            v = velocity(x, sigma_B, True)
             v_uncond = velocity(x, sigma_B, False)
             v = v_uncond + cfg_scale * (v - v_uncond)
+        else:
+            v = velocity(x, sigma_B, True)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
         if progress is not None:
             progress(i)

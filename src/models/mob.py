@@ -7,7 +7,9 @@ The paper leaves open how "κ adjacent blocks" follow from a TopK, how the discr
 router init and which blocks are grouped: each is a ``MoBConfig`` field with its default documented there.
 
 A skipped block must cost nothing (docs/design.md §7.4: compute-then-mask saves no time), so each block
-runs on the sub-batch of samples that chose it (``index_select``) and is written back with ``index_copy``.
+runs on the sub-batch of samples that chose it (``index_select``) and is written back with ``index_copy``. At
+inference with window selection the group sorts its samples by window once, and each block runs on a contiguous
+slice of the sorted batch (one gather and one scatter per group and step, not per block).
 A block no sample chose in a step gets no gradient (DDP needs ``find_unused_parameters=True``).
 
 Legend: B batch, S samples routed to one block, L image tokens, N text tokens, D width, M blocks in a group (m),
@@ -216,6 +218,17 @@ class MoBGroup(nn.Module):
         choice_BM, excess_BM = self.route(h_BLD, e_BND, temb_BD)
         # straight-through r − 1 is 0 in value: only needed where gradients flow; a dense group then stays exact
         weighted = self.gate == "score" or torch.is_grad_enabled()
+        if self.selection == "window" and not torch.is_grad_enabled():
+            return self._forward_sorted(
+                blocks,
+                choice_BM,
+                excess_BM if weighted else None,
+                h_BLD,
+                e_BND,
+                temb_BD,
+                image_rotary_emb,
+                joint_attention_kwargs,
+            )
         # one host sync per group: per-sample routing gives data-dependent sub-batch sizes
         counts_M = choice_BM.sum(0).tolist()
         samples_MB = torch.argsort((~choice_BM).T.to(torch.uint8), dim=1, stable=True)
@@ -247,6 +260,68 @@ class MoBGroup(nn.Module):
                 h_BLD = h_BLD.index_copy(0, idx_S, h_out_SLD)
                 e_BND = e_BND.index_copy(0, idx_S, e_out_SND)
         return e_BND, h_BLD
+
+    def _forward_sorted(
+        self,
+        blocks: Sequence[nn.Module],
+        choice_BM: Tensor,
+        excess_BM: Tensor | None,
+        h_BLD: Tensor,
+        e_BND: Tensor,
+        temb_BD: Tensor,
+        image_rotary_emb: tuple[Tensor, Tensor] | None,
+        joint_attention_kwargs: dict[str, Any] | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Inference with window selection: one gather and one scatter per group instead of per block.
+
+        The samples are sorted by the first block of their window; block i then runs on the samples whose window
+        starts in [i − κ + 1, i], a contiguous run of the sorted batch, so each block reads a view and writes its
+        result back in place. Same blocks per sample as ``forward``'s per-block gathers (outputs equal up to
+        float rounding of the different sub-batch shapes); no autograd, so only under ``torch.no_grad``.
+        """
+        m, k = self.size, self.active
+        windows = m - k + 1
+        first_B = choice_BM.to(torch.uint8).argmax(dim=1)  # the window's first block (choices are adjacent)
+        order_B = torch.argsort(first_B, stable=True)
+        # one host sync per group: the sub-batch bounds are data-dependent
+        counts_W = torch.zeros(windows, dtype=torch.long, device=first_B.device)
+        counts_W.scatter_add_(0, first_B, torch.ones_like(first_B))
+        bounds = [0, *counts_W.cumsum(0).tolist()]
+        sorted_all = bounds[1] == bounds[-1]  # every sample in window 0: the order is the identity, no gather
+        h_BLD = h_BLD if sorted_all else h_BLD.index_select(0, order_B)
+        e_BND = e_BND if sorted_all else e_BND.index_select(0, order_B)
+        temb_BD = temb_BD if sorted_all else temb_BD.index_select(0, order_B)
+        if excess_BM is not None and not sorted_all:
+            excess_BM = excess_BM.index_select(0, order_B)
+        batch = h_BLD.shape[0]
+        for i, block in enumerate(blocks):
+            a, b = bounds[max(0, i - k + 1)], bounds[min(i, windows - 1) + 1]
+            if a == b:
+                continue
+            h_SLD, e_SND = h_BLD[a:b], e_BND[a:b]
+            e_out_SND, h_out_SLD = block(
+                hidden_states=h_SLD,
+                encoder_hidden_states=e_SND,
+                temb=temb_BD[a:b],
+                image_rotary_emb=image_rotary_emb,
+                joint_attention_kwargs=joint_attention_kwargs,
+            )
+            if excess_BM is not None:
+                excess_S11 = excess_BM[a:b, i].to(h_out_SLD.dtype)[:, None, None]
+                h_out_SLD = h_out_SLD + excess_S11 * (h_out_SLD - h_SLD)
+                e_out_SND = e_out_SND + excess_S11 * (e_out_SND - e_SND)
+            if (
+                b - a == batch
+            ):  # the whole batch: take the outputs (with sorted_all, the caller's input is never written)
+                h_BLD, e_BND = h_out_SLD, e_out_SND
+            else:  # a slice of this group's own gathered (or previously produced) tensors
+                h_SLD.copy_(h_out_SLD)
+                e_SND.copy_(e_out_SND)
+        if sorted_all:
+            return e_BND, h_BLD
+        return torch.empty_like(e_BND).index_copy_(0, order_B, e_BND), torch.empty_like(h_BLD).index_copy_(
+            0, order_B, h_BLD
+        )
 
     def extra_repr(self) -> str:
         return (

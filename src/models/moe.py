@@ -38,8 +38,10 @@ width (F_e, or 2·F_e for SwiGLU), L MoE layers of a model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -280,6 +282,17 @@ class RouterLogits(torch.autograd.Function):
         return grad_weight, grad_x
 
 
+def router_logits(weight_ED: Tensor, x_TD: Tensor) -> Tensor:
+    """logits_ET in fp32: ``RouterLogits`` where a backward may follow, one plain fp32 GEMM where none can
+    (sampling; the autograd Function's Python cost is a visible share of a small layer's forward)."""
+    if torch.is_grad_enabled() and (weight_ED.requires_grad or x_TD.requires_grad):
+        return RouterLogits.apply(weight_ED, x_TD)
+    if torch.is_autocast_enabled(x_TD.device.type):
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return torch.mm(weight_ED.float(), x_TD.float().T)
+    return torch.mm(weight_ED.float(), x_TD.float().T)
+
+
 class MoEFeedForward(nn.Module):
     """Shared experts (one fused dense MLP) + top-k routed experts; x (..., D) → (..., D)."""
 
@@ -321,6 +334,10 @@ class MoEFeedForward(nn.Module):
             self.register_buffer("dense_neurons", torch.arange(S * F_s + E * F_e))
 
         self.top_k = cfg.top_k
+        # A training forward records the load statistics (last_counts, last_probs_mean, last_topk_idx_TK, ...; the
+        # balance losses need them); outside training only when this is set (``load_tracking``), so inference —
+        # sampling, evaluation, an exported student in FluxPipeline — does no bookkeeping beyond routing.
+        self.track_load = False
         # Every selected expert's gate is exactly 1.0 (checks that top_k = E reproduces the dense FFN).
         self.constant_gates = False
         # Use F.grouped_mm when torch and the widths allow it; False forces the split-loop fallback.
@@ -433,7 +450,7 @@ class MoEFeedForward(nn.Module):
         GEMM and the softmax run ~2x and ~15x faster across tokens (E = 12 is too narrow to vectorise along).
         """
         cfg, K = self.cfg, self.top_k
-        logits_ET = RouterLogits.apply(self.router.weight, x_TD)
+        logits_ET = router_logits(self.router.weight, x_TD)
         scores_ET = logits_ET.softmax(dim=0) if cfg.gate == "softmax" else logits_ET.sigmoid()
         scores_TE = scores_ET.T
         if cfg.balance == "aux_free":
@@ -472,8 +489,11 @@ class MoEFeedForward(nn.Module):
         # In place when nothing needs the ungated hidden for a backward (inference).
         h_NF = h_NF * gate_N1 if h_NF.requires_grad or gate_N1.requires_grad else h_NF.mul_(gate_N1)
         y_ND = self._expert_matmul(h_NF, self.w_down.to(dtype), counts_E, offs_E)
-        self.last_topk_idx_TK = topk_idx_TK.detach()
-        self._record(logits_ET, scores_ET, counts_E, expert_N.numel())
+        if self.training or self.track_load:
+            self.last_topk_idx_TK = topk_idx_TK.detach()
+            self._record(logits_ET, scores_ET, counts_E, expert_N.numel())
+        else:
+            self.aux_loss = logits_ET.new_zeros(())
         # Into the shared expert's fresh output (its backward does not need it), accumulated in fp32.
         acc_TD = out_TD if out_TD.dtype == torch.float32 else out_TD.float()
         return combine(acc_TD, y_ND, token_N, order_N, K, gather=x_TD.device.type != "cpu").to(dtype)
@@ -487,7 +507,7 @@ class MoEFeedForward(nn.Module):
         experts that took it (one such expert → gate 1, no gradient to the router through that token).
         """
         cfg, E = self.cfg, self.num_experts
-        logits_ET = RouterLogits.apply(self.router.weight, x_TD)
+        logits_ET = router_logits(self.router.weight, x_TD)
         scores_ET = logits_ET.softmax(dim=0) if cfg.gate == "softmax" else logits_ET.sigmoid()
         L = scores_ET.shape[1] // pools
         C = min(L, math.ceil(cfg.capacity_factor * L * self.top_k / E))
@@ -527,12 +547,15 @@ class MoEFeedForward(nn.Module):
         acc_TD = out_TD.float()
         for token_M, y_MD in zip(token_EM.unbind(0), y_ND.float().view(E, M, -1).unbind(0)):
             acc_TD.index_add_(0, token_M, y_MD)
-        with torch.no_grad():
-            picked_T = torch.zeros(T, device=x_TD.device).index_fill_(0, token_N, 1.0)
-            self.last_dropped_share = (T - picked_T.sum()) / max(T, 1)
-        self.last_topk_idx_TK = None
-        self.last_token_idx_EM = token_EM.detach()
-        self._record(logits_ET, scores_ET, counts_E, token_N.numel())
+        if self.training or self.track_load:
+            with torch.no_grad():
+                picked_T = torch.zeros(T, device=x_TD.device).index_fill_(0, token_N, 1.0)
+                self.last_dropped_share = (T - picked_T.sum()) / max(T, 1)
+            self.last_topk_idx_TK = None
+            self.last_token_idx_EM = token_EM.detach()
+            self._record(logits_ET, scores_ET, counts_E, token_N.numel())
+        else:
+            self.aux_loss = logits_ET.new_zeros(())
         return acc_TD.to(dtype)
 
     def _expert_matmul(self, a_NX: Tensor, w_EXY: Tensor, counts_E: Tensor, offs_E: Tensor) -> Tensor:
@@ -673,6 +696,27 @@ def update_expert_biases(module: nn.Module) -> None:
         dist.all_reduce(counts)
     for layer, counts_E in zip(layers, counts.split([m.num_experts for m in layers])):
         layer.update_expert_bias(counts_E)
+
+
+def samples_independent(module: nn.Module) -> bool:
+    """Whether every sample's output depends on that sample alone, so a batch may hold other samples (CFG's two
+    branches in one call): false only for expert-choice layers with a batch-wide token pool."""
+    return not any(layer._ec and layer.cfg.pool == "batch" for layer in moe_layers(module))
+
+
+@contextlib.contextmanager
+def load_tracking(module: nn.Module, on: bool) -> Iterator[None]:
+    """Turn the MoE layers' load statistics on or off outside training (``MoEFeedForward.track_load``) for the
+    duration; sampling and evaluation run with them off. Training forwards record them either way."""
+    layers = moe_layers(module)
+    saved = [layer.track_load for layer in layers]
+    for layer in layers:
+        layer.track_load = on
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, saved):
+            layer.track_load = value
 
 
 def set_top_k(module: nn.Module, top_k: int) -> None:

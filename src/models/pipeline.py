@@ -28,6 +28,7 @@ from src.models.flow import (
     to_velocity,
     unpack,
 )
+from src.models.moe import load_tracking, samples_independent
 from src.models.text_encoder import HashTextEncoder, TextEncoderConfig
 
 
@@ -146,17 +147,40 @@ class ShapesPipeline:
     @torch.no_grad()
     def __call__(self, prompts: list[str], seeds: list[int], transformer: nn.Module | None = None) -> np.ndarray:
         """Images (B, H, W, 3) uint8, noise fixed by the per-sample seeds."""
+        x_BLD = self.sample_tokens(prompts, seeds, transformer)
+        images = unpack(x_BLD.float(), self.patch_size, self.image_size, self.image_size)
+        return to_uint8(images).numpy()
+
+    @torch.no_grad()
+    def sample_tokens(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        transformer: nn.Module | None = None,
+        batch_cfg: bool | None = None,
+    ) -> torch.Tensor:
+        """The sampled pixel tokens (B, L, D) before quantisation. Both guidance branches run as one batch of 2·B
+        (``batch_cfg``; default: whenever the model treats samples independently, see ``samples_independent``);
+        the MoE layers' load statistics are off while sampling."""
         s = self.sampling
         noise_BLD = fixed_noise((self.tokens_per_side**2, 3 * self.patch_size**2), seeds, self.device)
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([""] * len(prompts))
+        both = tuple(torch.cat(pair) for pair in zip(cond, uncond))
 
         def velocity(x_BLD, sigma_B, conditional):
-            tokens, pooled = cond if conditional else uncond
+            tokens, pooled = both if conditional is None else cond if conditional else uncond
             return self.velocity(x_BLD, sigma_B, tokens, pooled, transformer)
 
         model = transformer or self.transformer
-        with scheduled(model, *s.schedules_for(model)) as apply:
-            x_BLD = euler_sample(velocity, noise_BLD, s.steps, s.cfg_scale, s.shift_for(model), before_step=apply)
-        images = unpack(x_BLD.float(), self.patch_size, self.image_size, self.image_size)
-        return to_uint8(images).numpy()
+        with scheduled(model, *s.schedules_for(model)) as apply, load_tracking(model, False):
+            x_BLD = euler_sample(
+                velocity,
+                noise_BLD,
+                s.steps,
+                s.cfg_scale,
+                s.shift_for(model),
+                before_step=apply,
+                batch_cfg=samples_independent(model) if batch_cfg is None else batch_cfg,
+            )
+        return x_BLD

@@ -1,8 +1,9 @@
 """What a fit prints: Lightning's per-Trainer banner lines and two benign warnings are dropped.
 
 Each stage is its own ``Trainer``, so without this every stage repeats the accelerator banner, the litlogger tip,
-a torch pytree deprecation raised inside Lightning, and the eval-mode warning (the frozen teacher inside every
-distillation module is in eval mode on purpose). Only these exact messages are filtered; every other log line and
+a torch pytree deprecation raised inside Lightning, the eval-mode warning (the frozen teacher inside every
+distillation module is in eval mode on purpose) and "`Trainer.fit` stopped: `max_steps=…` reached"; a first run
+also prints MLflow's database-creation INFO lines. Only these exact messages are filtered; every other log line and
 warning still shows.
 """
 
@@ -11,8 +12,11 @@ from __future__ import annotations
 import logging
 import warnings
 
-BANNER_PREFIXES = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:")
-"""Lightning's rank-zero info lines repeated by every Trainer."""
+BANNER_PREFIXES = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:", "`Trainer.fit` stopped: `max_")
+"""Lightning's rank-zero info lines repeated by every Trainer (a stage ending at its step budget is no news; "no
+training batches" still shows)."""
+QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
+"""Loggers whose INFO lines only narrate the creation of a new MLflow database; warnings still show."""
 BANNER_LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",
     "lightning.fabric.utilities.rank_zero",
@@ -38,3 +42,5 @@ def quiet_lightning() -> None:
             logger.addFilter(_DropBanner())
     for message in BENIGN_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
