@@ -41,7 +41,7 @@ from torch import nn
 from benchmarks.timing import time_interleaved
 from src.models.accounting import flops_per_image
 from src.models.convert import ConversionConfig, convert_flux_to_moe
-from src.models.flow import fixed_noise
+from src.models.flow import euler_sample, fixed_noise, image_ids, text_ids
 from src.models.loading import load_transformer
 from src.models.mob import MoBConfig, MoBGroup
 from src.models.moe import MoEFeedForward
@@ -135,8 +135,6 @@ class LatentSampler:
         self.device, self.dtype = param.device, param.dtype
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        from src.models.flow import euler_sample, image_ids, text_ids
-
         cfg, batch = self.model.config, len(prompts)
         gen = torch.Generator(device="cpu").manual_seed(0)
         tokens = torch.randn(batch, self.text_len, cfg.joint_attention_dim, generator=gen)

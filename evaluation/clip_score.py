@@ -18,8 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evaluation.generate import short_reason
-from src.errors import UserError
+from src.errors import UserError, short_reason
 
 DEFAULT_CLIP_MODEL = "ViT-L-14-quickgelu"
 DEFAULT_CLIP_PRETRAINED = "openai"
@@ -61,7 +60,7 @@ class OpenClip:
 
 def _architecture(model_name: str) -> str:
     """A registered architecture name; a model-config .json is registered under its file stem."""
-    import open_clip
+    import open_clip  # heavy, optional: only CLIP scoring needs it
 
     if model_name.startswith(_SCHEMAS):
         return model_name
@@ -81,7 +80,7 @@ def _architecture(model_name: str) -> str:
 
 def _resolve_weights(architecture: str, pretrained: str) -> None:
     """Fail with one line when the weights are neither a local file nor a tag whose download/cache works."""
-    from open_clip import pretrained as registry
+    from open_clip import pretrained as registry  # heavy, optional: only CLIP scoring needs it
 
     if architecture.startswith(_SCHEMAS):
         return
@@ -108,7 +107,7 @@ def load_open_clip(
 
     Raises ``UserError`` with one line naming the weights and the flags to point at them when they are missing.
     """
-    import open_clip
+    import open_clip  # heavy, optional: only CLIP scoring needs it
 
     architecture = _architecture(model_name)
     _resolve_weights(architecture, pretrained)

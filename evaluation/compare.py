@@ -18,12 +18,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import tempfile
 from pathlib import Path
+
+import mlflow
 
 from evaluation.bootstrap import Interval
 from evaluation.claims import Claim, decide
 from evaluation.provenance import PROTOCOL_ID_TAG, PROTOCOL_TAG, protocol_differences
 from src.errors import UserError
+from src.training.mlflow_logging import check_tracking_uri, resolve_tracking_uri
 
 QUALITY_METRICS = ("geneval/overall", "geneval_glyphs/overall", "geneval_shapes/overall", "clip_score")
 ACTIVATED = "params/activated"
@@ -129,7 +133,6 @@ def _teacher_deltas(runs: list, rows: list[dict]) -> list[str]:
 
 def _baseline_deltas(client, runs: list, rows: list[dict], baseline: str) -> str:
     """Adds "Δ vs <baseline>" from per-prompt reports (paired by prompt); refuses an unknown baseline."""
-    import tempfile
 
     def per_prompt(run) -> dict | None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -187,7 +190,7 @@ def _format(key: str, value) -> str:
 
 
 def _plot(rows: list[dict], metric: str, front: list[int], path: Path, title: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy: only the plot needs matplotlib
     from matplotlib.figure import Figure
 
     scale, unit = (1e9, "B") if max(r[ACTIVATED] for r in rows) >= 1e9 else (1e6, "M")
@@ -237,10 +240,6 @@ def compare(
         params: MLflow param keys shown as columns after the run name, e.g. ``[student/mob/active]`` (default: the
             MoE layout and expert widths that fit runs log, when some run has them).
     """
-    import mlflow
-
-    from src.training.mlflow_logging import check_tracking_uri, resolve_tracking_uri
-
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)

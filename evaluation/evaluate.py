@@ -17,32 +17,62 @@ import textwrap
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
+import yaml
 from PIL import Image, ImageDraw, ImageFont
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from evaluation.clip_score import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, clip_score_summary, clip_scores
+from evaluation import glyph_detector, shapes_detector
+from evaluation.clip_score import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_CLIP_PRETRAINED,
+    clip_score_summary,
+    clip_scores,
+    load_open_clip,
+)
+from evaluation.detectors import image_scorer
+from evaluation.fidelity import check_reference, fidelity_folders
 from evaluation.generate import (
+    FluxGenerator,
     across_tasks,
     generate_images,
     is_flux_pipeline,
     iter_samples,
+    load_flux_pipeline,
     load_prompt_set,
     resolve_device,
 )
 from evaluation.geneval import format_summary, result_record, summarize, write_results_jsonl
-from evaluation.real_geneval import DEFAULT_DETECTOR
+from evaluation.geneval_agreement import check_geneval_results
+from evaluation.provenance import (
+    clip_weights_sha256,
+    geneval_provenance,
+    hub_or_folder_sha256,
+    mlflow_tags,
+    model_fingerprint,
+    prompts_record,
+    rules_record,
+    source_sha256,
+)
+from evaluation.real_geneval import DEFAULT_DETECTOR, GenEvalScorer
+from src.data import glyphs
+from src.data.glyphs import check_vocabulary
+from src.data.worlds import DEFAULT_WORLD, check_world
 from src.errors import UserError
+from src.folders import check_writable_dir
+from src.models.accounting import count_params, flops_per_image, trajectory_cost
+from src.models.compute_schedule import as_lists, check_fits, check_schedule
+from src.models.flux_moe import set_top_k
+from src.models.loading import load_transformer
+from src.models.mob import mob_groups
+from src.models.moe import moe_layers
+from src.models.pipeline import SamplingConfig, ShapesPipeline
+from src.progress import progress_bar
+from src.training.mlflow_logging import check_tracking_uri, experiment_id, resolve_tracking_uri
 
 DETECTORS = ("shapes", "glyphs", "geneval", "none")
 METRIC_PREFIX = {"shapes": "geneval_shapes", "glyphs": "geneval_glyphs", "geneval": "geneval"}
-
-
-def progress_bar(label: str, total: int) -> Progress:
-    """A bar with count and ETA (off for an empty job); the fit's evaluation and Taylor scoring use it too."""
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    return Progress(*columns, disable=not total)
 
 
 def _load_images(paths: list[Path]) -> list[np.ndarray]:
@@ -57,8 +87,6 @@ def score_folder(out: str | Path, detector: str = "shapes", scorer=None, batch_s
     if detector not in METRIC_PREFIX:
         raise UserError(f"detector={detector!r}: allowed {', '.join(METRIC_PREFIX)}")
     if scorer is None:
-        from evaluation.detectors import image_scorer
-
         judge = image_scorer(detector)
 
         def scorer(images, metadata):
@@ -134,8 +162,6 @@ def failure_grid(records: list[dict], out: Path, limit: int = 24, tile: int = 19
 def _cost(transformer, trajectory: tuple | None = None, **tokens) -> dict[str, float]:
     """Activated/total parameters and forward FLOPs per image per step, logged so runs can be compared; with a
     compute schedule (``trajectory`` = steps, shift, top-k schedule, κ schedule) averaged over the sampler's steps."""
-    from src.models.accounting import count_params, flops_per_image, trajectory_cost
-
     if trajectory is not None and any(schedule is not None for schedule in trajectory[2:]):
         params = trajectory_cost(transformer, *trajectory, **tokens)
         flops = params["flops"]
@@ -241,8 +267,6 @@ def evaluate(
     """
     arguments = dict(locals())  # the run's config.yaml
     if geneval_results is not None:
-        from evaluation.geneval_agreement import check_geneval_results
-
         return check_geneval_results(geneval_results)
     if threads:
         torch.set_num_threads(threads)
@@ -256,8 +280,6 @@ def evaluate(
     prompt_set = prompts or ("shapes-heldout" if world == "shapes" else "geneval")
     metadata = across_tasks(load_prompt_set(prompt_set, image_size), limit, prompt_set)
     if detector == "glyphs":
-        from src.data.glyphs import check_vocabulary
-
         try:
             check_vocabulary(metadata, f"prompt set {prompt_set}")
         except ValueError as err:
@@ -265,19 +287,13 @@ def evaluate(
     out_dir = Path(out or f"outputs/eval/{Path(transformer or model).name}")
     _check_outputs(out_dir, log_mlflow, tracking_uri)
     if reference is not None:
-        from evaluation.fidelity import check_reference
-
         check_reference(reference, metadata, seed, images_per_prompt)
 
     # Scoring models load first, on the CPU: missing weights fail here, before any sampling.
     clip = scorer = None
     if clip_score or detector == "geneval":
-        from evaluation.clip_score import load_open_clip
-
         clip = load_open_clip(clip_model, clip_pretrained)
     if detector == "geneval":
-        from evaluation.real_geneval import GenEvalScorer
-
         scorer = GenEvalScorer.load(detector_model, clip=clip)
 
     if flux and (top_k_schedule is not None or mob_active_schedule is not None):
@@ -325,8 +341,6 @@ def evaluate(
         print(line)
     print(f"generated {generated} images in {seconds:.1f} s; results in {out_dir}")
     if log_mlflow:
-        from evaluation.provenance import model_fingerprint
-
         info["sha256"] = model_fingerprint(Path(transformer or model)) if Path(transformer or model).is_dir() else None
         name = run_name or out_dir.name
         _log_to_mlflow(summary, records, out_dir, experiment_name, name, tracking_uri, info, arguments)
@@ -335,9 +349,6 @@ def evaluate(
 
 def _check_outputs(out_dir: Path, log_mlflow: bool, tracking_uri: str | None) -> None:
     """Where the images and the MLflow run go must work before anything is generated."""
-    from src.training.mlflow_logging import check_tracking_uri, resolve_tracking_uri
-    from src.training.teacher import check_writable_dir
-
     check_writable_dir(str(out_dir), "out")
     if log_mlflow:
         check_tracking_uri(resolve_tracking_uri(tracking_uri))
@@ -355,8 +366,6 @@ def _score(out_dir: Path, detector: str, scorer, clip, reference: str | None, de
         clip_records, summary["clip_score"] = clip_score_folder(out_dir, clip.to(device))
         _atomic_write(out_dir / "clip_scores.jsonl", "".join(json.dumps(r) + "\n" for r in clip_records))
     if reference is not None:
-        from evaluation.fidelity import fidelity_folders
-
         summary["fidelity"] = fidelity_folders(out_dir, reference, device)
     return records, summary
 
@@ -365,34 +374,27 @@ def _provenance(
     detector, detector_model, clip_spec, scorer, prompt_set, metadata, images_per_prompt, seed, info, device
 ):
     """The protocol behind this run's GenEval number (`evaluation.provenance`); hashes the scoring weights."""
-    from evaluation import provenance
-
     if detector == "shapes":
-        from evaluation import shapes_detector
-
-        detector_id, detector_hash = "shapes-classical", provenance.source_sha256(shapes_detector)
+        detector_id, detector_hash = "shapes-classical", source_sha256(shapes_detector)
         colour_id = colour_hash = None  # the classical detector names colours itself
     elif detector == "glyphs":
-        from evaluation import glyph_detector
-        from src.data import glyphs
-
         # the detector's "weights" are its code and the world's codebook and palette (src/data/glyphs.py)
         detector_id = "glyphs-classical"
-        detector_hash = provenance.source_sha256(glyph_detector) + "+" + provenance.source_sha256(glyphs)
+        detector_hash = source_sha256(glyph_detector) + "+" + source_sha256(glyphs)
         colour_id = colour_hash = None
     else:
         clip_model, clip_pretrained, clip = clip_spec
         detector_id = detector_model
-        detector_hash = provenance.hub_or_folder_sha256(detector_model, scorer.model)
+        detector_hash = hub_or_folder_sha256(detector_model, scorer.model)
         colour_id = f"{clip_model} ({clip_pretrained})"
-        colour_hash = provenance.clip_weights_sha256(clip_model, clip_pretrained, clip.model)
-    rules = provenance.rules_record(**(scorer.filter if scorer is not None else {}))
+        colour_hash = clip_weights_sha256(clip_model, clip_pretrained, clip.model)
+    rules = rules_record(**(scorer.filter if scorer is not None else {}))
     sampler_keys = ("steps", "cfg_scale", "guidance", "shift", "image_size", "height", "width", "max_sequence_length")
     sampler = {k: info[k] for k in (*sampler_keys, "dtype") if k in info}
     # only when set: records of runs without a schedule stay comparable with older ones
     sampler |= {k: info[k] for k in _SCHEDULE_FLAGS if info.get(k) is not None}
-    return provenance.geneval_provenance(
-        prompts=provenance.prompts_record(prompt_set, metadata),
+    return geneval_provenance(
+        prompts=prompts_record(prompt_set, metadata),
         detector=detector_id,
         detector_weights_sha256=detector_hash,
         colour_model=colour_id,
@@ -412,8 +414,6 @@ def _provenance(
 
 def _model_world(model: str) -> str:
     """The embedded world a transformer folder was trained on (its config's ``world``; shapes when absent)."""
-    from src.data.worlds import DEFAULT_WORLD, check_world
-
     config = Path(model) / "config.json"
     if not config.is_file():
         return DEFAULT_WORLD
@@ -433,14 +433,8 @@ def _shapes_generator(
     device,
     schedules: tuple[list | None, list | None] = (None, None),
 ):
-    from src.models.compute_schedule import as_lists, check_fits, check_schedule
-    from src.models.loading import load_transformer
-    from src.models.pipeline import SamplingConfig, ShapesPipeline
-
     transformer = load_transformer(model).eval().to(device)
     if top_k is not None:
-        from src.models.flux_moe import set_top_k
-
         set_top_k(transformer, top_k)
     try:
         top_k_schedule, mob_schedule = (check_schedule(v, n) for v, n in zip(schedules, _SCHEDULE_FLAGS))
@@ -476,9 +470,6 @@ _SCHEDULE_FLAGS = ("top_k_schedule", "mob_active_schedule")
 
 def _check_schedule_targets(transformer, top_k_schedule, mob_schedule) -> None:
     """A schedule for layers the model does not have is a mistake on the command line, not a silent no-op."""
-    from src.models.mob import mob_groups
-    from src.models.moe import moe_layers
-
     if top_k_schedule is not None and not moe_layers(transformer):
         raise UserError("top_k_schedule: the model has no MoE layers to route")
     if mob_schedule is not None and not mob_groups(transformer):
@@ -486,12 +477,8 @@ def _check_schedule_targets(transformer, top_k_schedule, mob_schedule) -> None:
 
 
 def _flux_generator(model, transformer, dtype, device, height, width, steps, guidance, max_sequence_length, top_k):
-    from evaluation.generate import FluxGenerator, load_flux_pipeline
-
     pipeline = load_flux_pipeline(model, transformer, dtype, str(device))
     if top_k is not None:
-        from src.models.flux_moe import set_top_k
-
         set_top_k(pipeline.transformer, top_k)
     generator = FluxGenerator(pipeline, height, width, steps, guidance, max_sequence_length)
     cost = _cost(pipeline.transformer, image_tokens=generator.image_tokens, text_len=generator.max_sequence_length)
@@ -549,11 +536,6 @@ def metrics_of(summary: dict) -> dict[str, float]:
 
 def _log_to_mlflow(summary, records, out_dir, experiment_name, run_name, tracking_uri, info, arguments) -> None:
     """One run per evaluation: its arguments as ``config.yaml``, the model's settings and weights hash as params."""
-    import mlflow
-    import yaml
-
-    from src.training.mlflow_logging import check_tracking_uri, experiment_id, resolve_tracking_uri
-
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
@@ -563,8 +545,6 @@ def _log_to_mlflow(summary, records, out_dir, experiment_name, run_name, trackin
         mlflow.log_text(yaml.safe_dump(arguments, sort_keys=False), "config.yaml")
         mlflow.log_metrics(metrics_of(summary))
         if "provenance" in summary:
-            from evaluation.provenance import mlflow_tags
-
             mlflow.set_tags(mlflow_tags(summary["provenance"]))
             mlflow.log_dict(summary["provenance"], "provenance.json")
         mlflow.log_artifact(str(out_dir / "summary.json"))

@@ -46,7 +46,7 @@ def check_fid_available(weights_path: str | Path) -> None:
 def fid_metric(weights_path: str | Path, feature: int = 2048):
     """A ``FrechetInceptionDistance`` that keeps its real statistics across ``reset()`` (add them once)."""
     check_fid_available(weights_path)
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.fid import FrechetInceptionDistance  # heavy (torch-fidelity): only the FID path
 
     return FrechetInceptionDistance(
         feature=feature, reset_real_features=False, feature_extractor_weights_path=str(weights_path)

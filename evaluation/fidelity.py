@@ -27,7 +27,7 @@ _noted: set[str] = set()
 
 def lpips_weights_file(net: str = "alex") -> Path:
     """Where torchvision looks for the LPIPS backbone's ImageNet weights (the torch hub checkpoint cache)."""
-    import torchvision
+    import torchvision  # heavy: only the LPIPS weights lookup needs it
 
     if net not in _LPIPS_BACKBONES:
         raise ValueError(f"lpips net={net!r}: allowed {', '.join(_LPIPS_BACKBONES)}")
@@ -45,7 +45,7 @@ class FidelityMeter:
     """Accumulates per-pair PSNR, SSIM (and LPIPS) over batches; ``compute`` returns their means."""
 
     def __init__(self, device: str | torch.device = "cpu", lpips_net: str = "alex") -> None:
-        from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+        from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure  # heavy: fidelity only
 
         self.device = torch.device(device)
         self.psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="none", dim=(1, 2, 3)).to(self.device)
@@ -53,7 +53,7 @@ class FidelityMeter:
         self.lpips = None
         weights = lpips_weights_file(lpips_net)
         if weights.is_file():
-            from torchmetrics.image import LearnedPerceptualImagePatchSimilarity
+            from torchmetrics.image import LearnedPerceptualImagePatchSimilarity  # heavy (lpips): only with weights
 
             self.lpips = LearnedPerceptualImagePatchSimilarity(net_type=lpips_net, normalize=True, reduction="none")
             self.lpips.to(self.device)

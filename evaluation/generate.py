@@ -21,22 +21,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from src.errors import UserError
+from src.data.shapes import ShapesWorld
+from src.dtypes import DTYPES, resolve_device
+from src.errors import UserError, short_reason
+from src.hub import is_hub_id
+from src.models.loading import load_transformer
+from src.progress import progress_bar
 
 GENEVAL_METADATA = Path(__file__).parent / "data" / "geneval" / "evaluation_metadata.jsonl"
 PROMPT_SETS = ("shapes-heldout", "geneval")
 
 Generator = Callable[[list[str], list[int]], np.ndarray]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_prompt_set(name_or_path: str, image_size: int = 32) -> list[dict]:
     """GenEval-style metadata dicts: "shapes-heldout", "geneval", or a .txt (one prompt a line) / .jsonl file."""
     if name_or_path == "shapes-heldout":
-        from src.data.shapes import ShapesWorld
-
         return ShapesWorld(size=image_size).heldout_metadata()
     path = Path(GENEVAL_METADATA if name_or_path == "geneval" else name_or_path)
     if not path.is_file():
@@ -157,8 +158,7 @@ def generate_images(
     record = {"prompts": len(metadata), "images_per_prompt": images_per_prompt, **settings}
     if todo:
         marker.write_text(json.dumps({"complete": False, **record}, indent=1) + "\n")
-    columns = (TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not todo) as progress:
+    with progress_bar("generate", len(todo)) as progress:
         task = progress.add_task("generate", total=len(todo))
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
@@ -185,24 +185,6 @@ def iter_samples(out: str | Path) -> list[tuple[str, dict, Path]]:
     return items
 
 
-def short_reason(exc: BaseException, limit: int = 160) -> str:
-    """The first sentence of an exception's message, for one-line errors about missing files or weights."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.split(". ")[0][:limit]
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """ "auto" → cuda when available, else cpu."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-
-
-def is_hub_id(name: str) -> bool:
-    """ "org/name" that is no local path (neither it nor its first folder exists here, e.g. checkpoints/x)."""
-    path = Path(name).expanduser()
-    local = path.exists() or path.parent.exists() and str(path.parent) != "."
-    return not local and not name.startswith(("/", ".", "~")) and name.count("/") == 1
-
-
 def is_flux_pipeline(model: str) -> bool:
     """A diffusers pipeline folder (model_index.json) or a hub id."""
     path = Path(model).expanduser()
@@ -211,9 +193,7 @@ def is_flux_pipeline(model: str) -> bool:
 
 def load_flux_pipeline(model: str, transformer: str | None = None, dtype: str = "auto", device: str = "auto"):
     """A ``FluxPipeline`` from a folder or hub id; ``transformer`` (a save_pretrained folder) replaces its own."""
-    from diffusers import FluxPipeline
-
-    from src.models.loading import load_transformer
+    from diffusers import FluxPipeline  # heavy: only the FLUX-pipeline path needs it
 
     target = resolve_device(device)
     if dtype != "auto" and dtype not in DTYPES:

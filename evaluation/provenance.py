@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from evaluation import geneval
+from evaluation.generate import GENEVAL_METADATA
 
 PROTOCOL_TAG = "dense2moe.geneval_protocol"
 """MLflow tag: the protocol as canonical JSON (what ``compare`` reads)."""
@@ -98,8 +99,6 @@ def source_sha256(module: Any) -> str:
 
 def prompts_record(prompt_set: str, metadata: list[dict]) -> dict[str, Any]:
     """{"prompts_sha256", "prompts_count"}: the prompt file's bytes, or the generated metadata (shapes-heldout)."""
-    from evaluation.generate import GENEVAL_METADATA
-
     path = GENEVAL_METADATA if prompt_set == "geneval" else Path(prompt_set)
     if path.is_file():
         digest = sha256_file(path)
@@ -133,7 +132,7 @@ def hub_or_folder_sha256(name_or_path: str, model: torch.nn.Module | None = None
     if path.exists():
         return weights_sha256(path)
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # inside the try: any failure falls back to the state dict
 
         return weights_sha256(snapshot_download(name_or_path, local_files_only=True))
     except Exception:  # not cached as a snapshot (or not a hub id): hash what was loaded
@@ -147,7 +146,7 @@ def clip_weights_sha256(clip_model: str, clip_pretrained: str, model: torch.nn.M
     if Path(clip_pretrained).expanduser().is_file():
         return sha256_file(Path(clip_pretrained).expanduser())
     try:
-        from open_clip import pretrained as registry
+        from open_clip import pretrained as registry  # heavy, optional: only CLIP-score runs have weights to hash
 
         architecture = Path(clip_model).stem if clip_model.endswith(".json") else clip_model
         cfg = registry.get_pretrained_cfg(architecture, clip_pretrained)

@@ -36,7 +36,8 @@ from evaluation.geneval import (
     evaluate_detections,
     filter_detections,
 )
-from src.errors import UserError
+from src.errors import UserError, short_reason
+from src.hub import is_hub_id
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 GENEVAL_CLASSES = tuple(
@@ -128,9 +129,7 @@ def instances_to_detections(
 
 def load_detector(name_or_path: str = DEFAULT_DETECTOR, device: str = "cpu"):
     """(Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor) from a local folder or a hub id."""
-    from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
-
-    from evaluation.generate import is_hub_id, short_reason
+    from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor  # heavy: real GenEval only
 
     hub = is_hub_id(name_or_path)
     source = name_or_path if hub else str(Path(name_or_path).expanduser())

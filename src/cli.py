@@ -8,10 +8,21 @@ a Trainer (or a model) when they don't need one, and a sweep driver never re-exe
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from typing import Any
 
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
+from lightning.pytorch.cli import LightningCLI
+
+from src.config_files import EXPERIMENT_PATHS, check_config_args, resolve_config_paths
+from src.config_parsing import config_error_line, instantiate, root_cause, user_facing_error
 from src.errors import UserError
+from src.threads import default_threads
+from src.training.experiment import is_experiment_config, yaml_keys
+from src.training.mlflow_logging import MLflowLogger, MLflowSaveConfigCallback
+from src.training.runner import run_experiment
+from src.training.terminal import quiet_lightning
 
 # name → "module:function"; each function's signature and docstring are its command line and --help.
 TOOLS: dict[str, str] = {
@@ -53,8 +64,6 @@ def _overview() -> str:
 
 def _fit_help() -> None:
     """``fit --help`` (or with an experiment config): the experiment's flags and every key of its YAML."""
-    from src.training.experiment import run_experiment, yaml_keys
-
     try:
         _run_function(run_experiment, ["--help"], prog="fit")
     except SystemExit:
@@ -64,17 +73,7 @@ def _fit_help() -> None:
         raise
 
 
-def _instantiate(parser, cfg):
-    """jsonargparse ≥ 4.49 renamed ``instantiate_classes`` to ``instantiate``."""
-    return (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg)
-
-
 def _lightning_cli(args: list[str] | None) -> None:
-    from lightning.pytorch.cli import LightningCLI
-
-    from src.training.mlflow_logging import MLflowLogger, MLflowSaveConfigCallback
-    from src.training.terminal import quiet_lightning
-
     quiet_lightning()
 
     class Dense2MoECLI(LightningCLI):
@@ -98,8 +97,6 @@ def _lightning_cli(args: list[str] | None) -> None:
 
 def _experiment_config(argv: list[str]) -> bool:
     """``fit --config X.yaml`` where X declares ``stages``: a multi-stage Dense2MoE experiment, not LightningCLI."""
-    from src.training.experiment import is_experiment_config
-
     return any(is_experiment_config(c) for c in _configs(argv))
 
 
@@ -115,12 +112,6 @@ def _run_function(fn: Any, args: list[str], paths: tuple[str, ...] = (), prog: s
     (src/config_files.py). Building the config objects runs their validation, so a ValueError there is bad input,
     reported as one line.
     """
-    import inspect
-
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from src.config_files import resolve_config_paths
-
     parser = ArgumentParser(prog=f"python -m src.cli {prog or getattr(fn, '__name__', '')}", exit_on_error=False)
     if "config" not in inspect.signature(fn).parameters:  # e.g. `params --config X` names the experiment itself
         parser.add_argument("--config", "-c", action=ActionConfigFile, help="YAML file with any of the arguments below")
@@ -130,9 +121,9 @@ def _run_function(fn: Any, args: list[str], paths: tuple[str, ...] = (), prog: s
     cfg = parser.parse_args(args)
     resolve_config_paths(cfg, args, paths)
     try:
-        init = _instantiate(parser, cfg)
+        init = instantiate(parser, cfg)
     except ValueError as err:
-        raise UserError(f"invalid configuration: {_root_cause(err)}") from None
+        raise UserError(f"invalid configuration: {root_cause(err)}") from None
     kwargs = {k: v for k, v in vars(init).items() if k != "config" or "config" in inspect.signature(fn).parameters}
     return fn(**kwargs)
 
@@ -149,42 +140,7 @@ def _run_tool(name: str, args: list[str]) -> Any:
     return _run_function(getattr(importlib.import_module(module), func), args, prog=name)
 
 
-def config_error_line(exc: BaseException) -> str:
-    """jsonargparse's nested, multi-line parse errors → the most specific line (the one naming the bad key)."""
-    lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip(" -")]
-    for marker in ("not accepted", "Unrecognized", "does not exist", "Does not validate", "Not a valid", "Expected"):
-        for line in lines:
-            if marker in line:
-                key = next((ln for ln in lines if ln.startswith("Parser key")), lines[0])
-                return f"{key.rstrip(':')}: {line}" if key != line else line
-    return lines[0] if lines else type(exc).__name__
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return exc
-
-
-def user_facing_error(exc: BaseException) -> str | None:
-    """The one line to print for bad input, or None for a genuine bug (which keeps its traceback).
-
-    jsonargparse wraps errors raised while instantiating config classes (our ``UserError`` and the ``ValueError``
-    of config validation) in a multi-line ValueError chained to the original; the original is what users need.
-    """
-    cause = _root_cause(exc)
-    if isinstance(cause, UserError):
-        return str(cause)
-    if isinstance(exc, ValueError) and "Union subtypes" in str(exc) and isinstance(cause, ValueError):
-        return f"invalid configuration: {str(cause).strip().splitlines()[0]}"
-    return None
-
-
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import ArgumentError, set_parsing_settings
-
-    from src.config_files import EXPERIMENT_PATHS, check_config_args
-
     # Config dataclasses document each field in a string literal below it: show those in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -192,6 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[0] if argv else None
     try:
         check_config_args(argv[1:])
+        if command is not None and command not in HELP_FLAGS and not set(HELP_FLAGS) & set(argv):
+            note = default_threads(argv)
+            if note and sys.stderr.isatty():  # a terminal's user sees why; logs and captured output stay as they were
+                print(note, file=sys.stderr)
         if command is None or command in HELP_FLAGS:
             print(_overview())
         elif command == "fit" and set(HELP_FLAGS) & set(argv) and (_experiment_config(argv) or not _configs(argv)):
@@ -199,8 +159,6 @@ def main(argv: list[str] | None = None) -> None:
         elif command in TOOLS:
             _run_tool(command, argv[1:])
         elif command == "fit" and _experiment_config(argv):
-            from src.training.experiment import run_experiment
-
             _run_function(run_experiment, argv[1:], EXPERIMENT_PATHS, prog="fit")
         elif command in TRAINER_COMMANDS or command.startswith("-"):
             _lightning_cli(argv if argv != sys.argv[1:] else None)

@@ -8,21 +8,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from diffusers import FluxTransformer2DModel
+from jsonargparse import ArgumentParser
 
+from src.config_parsing import instantiate
+from src.dtypes import DTYPES
 from src.errors import UserError
-
-
-def _instantiate(parser, cfg):
-    """jsonargparse ≥ 4.49 renamed ``instantiate_classes`` to ``instantiate``."""
-    return (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg)
+from src.models.accounting import count_params, flops_per_image, trajectory_cost
+from src.models.compute_schedule import as_lists, check_fits, check_schedule
+from src.models.dit_presets import MIB, PRESETS, PUBLISHED_ACTIVATED_MIB, params_table, preset_params
+from src.models.flux_moe import dense_ffns
+from src.models.loading import PROJECT_CONFIG_KEYS
+from src.models.memory import StageSetup, format_plan, plan_stage
+from src.models.mob import mob_groups
+from src.models.moe import moe_layers
+from src.models.presets import flux_config
+from src.models.student import StudentRecipe, build_student, with_mob
+from src.training.distill import trainable_parameters
+from src.training.experiment import DataSpec, TeacherSpec, is_experiment_config
+from src.training.precision import compute_dtype
+from src.training.runner import run_experiment
+from src.training.strategies import fsdp_spec
 
 
 def _load_experiment(config: str) -> dict[str, Any]:
     """The experiment's arguments as run_experiment would receive them (dataclasses built and validated)."""
-    from jsonargparse import ArgumentParser
-
-    from src.training.experiment import is_experiment_config, run_experiment
-
     if not Path(config).is_file():
         raise UserError(f"config {config}: no such file")
     if not is_experiment_config(config):
@@ -34,18 +45,14 @@ def _load_experiment(config: str) -> dict[str, Any]:
     parser.add_function_arguments(run_experiment, as_positional=False)
     try:
         cfg = parser.parse_path(config)
-        return vars(_instantiate(parser, cfg))
+        return vars(instantiate(parser, cfg))
     except ValueError as err:
         raise UserError(f"config {config}: {err}") from None
 
 
 def _teacher_config(teacher) -> dict[str, Any]:
-    from src.models.presets import flux_config
-
     folder = Path(teacher.path) / (teacher.subfolder or "")
     if (folder / "config.json").is_file():
-        from src.models.loading import PROJECT_CONFIG_KEYS
-
         raw = jsonlib.loads((folder / "config.json").read_text())
         # the structure only: keys this project adds (prediction_type, sampling_shift) are not constructor kwargs
         return {k: v for k, v in raw.items() if not k.startswith("_") and k not in PROJECT_CONFIG_KEYS}
@@ -56,11 +63,6 @@ def _teacher_config(teacher) -> dict[str, Any]:
 
 def build_on_meta(args: dict[str, Any]) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Teacher and student of an experiment on the meta device: their structure, no weights, no memory."""
-    from diffusers import FluxTransformer2DModel
-
-    from src.models.flux_moe import dense_ffns
-    from src.models.student import StudentRecipe, build_student
-
     spec = args["student"]
     with torch.device("meta"):
         teacher = FluxTransformer2DModel(**_teacher_config(args["teacher"]))
@@ -106,9 +108,6 @@ def params(
             sampler's steps (evaluation.steps, evaluation.shift).
         mob_active_schedule: The student's MoB κ as a function of σ, in the same form (default: the experiment's).
     """
-    from src.models.accounting import count_params, flops_per_image
-    from src.training.experiment import DataSpec, TeacherSpec
-
     if preset is not None or (config is not None and _dit_module_args(config) is not None):
         return _dit_params(preset, config, json)
     if config is None:
@@ -155,9 +154,6 @@ def params(
 def _trajectory(args, student, top_k_schedule, mob_active_schedule, flop_args) -> dict[str, Any] | None:
     """The student's activated params and FLOPs averaged over the evaluation sampler's steps under the compute
     schedules (the flags, else the experiment's evaluation ones); None without any schedule."""
-    from src.models.accounting import trajectory_cost
-    from src.models.compute_schedule import as_lists, check_fits, check_schedule
-
     ev = args.get("evaluation")
     try:
         schedules = [
@@ -169,9 +165,6 @@ def _trajectory(args, student, top_k_schedule, mob_active_schedule, flop_args) -
         raise UserError(str(err)) from None
     if all(s is None for s in schedules):
         return None
-    from src.models.mob import mob_groups
-    from src.models.moe import moe_layers
-
     if schedules[0] is not None and not moe_layers(student):
         raise UserError("top_k_schedule: the student has no MoE layers to route")
     if schedules[1] is not None and not mob_groups(student):
@@ -229,8 +222,6 @@ def _params_table(report: dict[str, Any], flop_args: dict[str, Any]) -> str:
 
 def _dit_module_args(config: str) -> dict[str, Any] | None:
     """The ``model.init_args`` of a LightningCLI config whose model is the DiTModule, else None."""
-    import yaml
-
     path = Path(config)
     if not path.is_file() or path.suffix not in (".yaml", ".yml"):
         return None
@@ -242,8 +233,6 @@ def _dit_module_args(config: str) -> dict[str, Any] | None:
 
 def _dit_params(preset: str | None, config: str | None, json: bool) -> dict[str, Any]:
     """Counts of DiT presets (or of a DiTModule config's model) in decimal and 2^20 units."""
-    from src.models.dit_presets import MIB, PRESETS, PUBLISHED_ACTIVATED_MIB, params_table, preset_params
-
     overrides: dict[str, Any] = {}
     if preset is None:
         init = _dit_module_args(config)
@@ -303,13 +292,6 @@ def memory_plan(
     json: bool,
 ) -> dict[str, Any]:
     """``params --memory``: per-GPU memory of each stage (src/models/memory.py), from meta-device models."""
-    from evaluation.generate import DTYPES
-    from src.models.memory import StageSetup, format_plan, plan_stage
-    from src.models.student import with_mob
-    from src.training.distill import trainable_parameters
-    from src.training.precision import compute_dtype
-    from src.training.strategies import fsdp_spec
-
     stages = args["stages"]
     if stage is not None and stage not in [s.name for s in stages]:
         raise UserError(f"stage={stage!r}: not a stage of this experiment; allowed {[s.name for s in stages]}")

@@ -14,10 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import FluxTransformer2DModel
 from torch import nn
 
+from evaluation.provenance import format_provenance
 from src.atomic import replaced_folder
 from src.errors import UserError
+from src.folders import check_writable_dir
+from src.models.accounting import count_params
+from src.models.compute_schedule import SCHEDULE_KEYS, as_lists, check_fits, check_schedule, describe, model_schedules
+from src.models.flux_moe import build_from_state, moe_summary, set_top_k
+from src.models.loading import load_transformer
+from src.models.mob import mob_groups
+from src.models.moe import moe_layers
+from src.models.presets import flux_config
 
 FLUX_DEV_ID = "black-forest-labs/FLUX.1-dev"
 _CARD_TAGS = ("text-to-image", "diffusers", "flux", "mixture-of-experts", "dense2moe", "distillation")
@@ -46,16 +56,12 @@ def export(
             [[1.0, 2], [0.5, 1]] (k = 2 for σ > 0.5, else 1).
         mob_active_schedule: MoB active blocks κ as a function of σ, stored the same way.
     """
-    from src.training.teacher import check_writable_dir
-
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"out {out}: exists and is not an empty folder; it is kept untouched — choose a new folder")
     check_writable_dir(out, "out")
     student, source, summary = load_student(ckpt)
     if top_k is not None:
-        from src.models.flux_moe import set_top_k
-
         try:
             set_top_k(student, top_k)
         except ValueError as err:
@@ -71,8 +77,6 @@ def export(
         raise UserError(
             f"out {out}: writing the export failed ({err.strerror or err}); nothing was left there"
         ) from None
-    from src.models.accounting import count_params
-
     params = count_params(student)
     print(f"exported {source} → {out_dir} (config.json, diffusion_pytorch_model.safetensors, README.md)")
     print(
@@ -84,10 +88,6 @@ def export(
 
 def store_schedules(student: nn.Module, top_k_schedule, mob_active_schedule) -> None:
     """Check the compute schedules against the student and keep them in its config (``sampling_schedule``)."""
-    from src.models.compute_schedule import SCHEDULE_KEYS, as_lists, check_fits, check_schedule
-    from src.models.mob import mob_groups
-    from src.models.moe import moe_layers
-
     given = {"top_k_schedule": top_k_schedule, "mob_active_schedule": mob_active_schedule}
     try:
         checked = {name: check_schedule(value, name) for name, value in given.items()}
@@ -128,8 +128,6 @@ def load_student(ckpt: str) -> tuple[nn.Module, str, dict[str, Any] | None]:
 
 
 def _from_folder(folder: Path) -> nn.Module:
-    from src.models.loading import load_transformer
-
     return load_transformer(folder)
 
 
@@ -176,10 +174,6 @@ def _from_lightning_ckpt(path: Path) -> nn.Module:
 
 
 def _build(class_name: str, config: dict[str, Any], state: dict[str, torch.Tensor], where: Path) -> nn.Module:
-    from diffusers import FluxTransformer2DModel
-
-    from src.models.flux_moe import build_from_state
-
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
         if class_name == "FluxMoETransformer2DModel":
@@ -199,8 +193,6 @@ def _build(class_name: str, config: dict[str, Any], state: dict[str, torch.Tenso
 
 # --- the model card ---------------------------------------------------------------------------------------------------
 def _default_base(model: nn.Module) -> str | None:
-    from src.models.presets import flux_config
-
     config = dict(model.config)
     dev = flux_config("flux-dev")
     same = all(
@@ -226,8 +218,6 @@ def _front_matter(base: str | None) -> str:
 
 
 def _layout_rows(model: nn.Module) -> list[tuple[str, str]]:
-    from src.models.flux_moe import moe_summary
-
     s = moe_summary(model)
     rows = [("class", type(model).__name__), ("blocks", f"{s['num_double']} double-stream + {s['num_single']} single")]
     if s["num_moe_layers"]:
@@ -239,8 +229,6 @@ def _layout_rows(model: nn.Module) -> list[tuple[str, str]]:
         ]
     mob = s["mob"]
     if mob:
-        from src.models.mob import mob_groups
-
         groups = mob_groups(model)
         rows.append(
             (
@@ -249,8 +237,6 @@ def _layout_rows(model: nn.Module) -> list[tuple[str, str]]:
                 f"κ={mob['active']} active per sample ({mob['selection']})",
             )
         )
-    from src.models.compute_schedule import describe, model_schedules
-
     for field, schedule in model_schedules(model).items():
         if schedule is not None:
             what = "top-k" if field == "top_k_schedule" else "MoB κ"
@@ -294,8 +280,6 @@ def _num(value: float | None) -> str:
 def _protocol_lines(summary: dict[str, Any]) -> list[str]:
     """The GenEval protocol behind the card's GenEval numbers (evaluation/provenance.py), or a note that it is unknown."""
     if "provenance" in summary:
-        from evaluation.provenance import format_provenance
-
         return ["GenEval protocol (comparable only with numbers of the same protocol):", "",
                 *format_provenance(summary["provenance"]), ""]  # fmt: skip
     if any("geneval" in key for key in summary):
@@ -305,8 +289,6 @@ def _protocol_lines(summary: dict[str, Any]) -> list[str]:
 
 def model_card(model: nn.Module, base: str | None, source: str, summary: dict[str, Any] | None) -> str:
     """README.md text: HF front matter, layout, parameter accounting, evaluation, usage."""
-    from src.models.accounting import count_params
-
     params = count_params(model)
     name = f"{base.split('/')[-1]}-MoE" if base else "Dense2MoE student"
     lines = [_front_matter(base), f"# {name}", ""]

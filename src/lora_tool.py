@@ -12,6 +12,9 @@ from typing import Any
 
 from src.atomic import replaced_folder
 from src.errors import UserError
+from src.folders import check_writable_dir
+from src.models.loading import load_transformer
+from src.models.lora import fuse_lora, read_lora
 
 
 def lora(student: str, lora: str, out: str, strength: float = 1.0) -> dict[str, Any]:
@@ -25,10 +28,6 @@ def lora(student: str, lora: str, out: str, strength: float = 1.0) -> dict[str, 
         out: The folder to create; it must not exist or be empty.
         strength: Multiplier on the LoRA's weight change (1 = as trained).
     """
-    from src.models.loading import load_transformer
-    from src.models.lora import fuse_lora, read_lora
-    from src.training.teacher import check_writable_dir
-
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"out {out}: exists and is not an empty folder; it is kept untouched — choose a new folder")

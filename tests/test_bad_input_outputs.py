@@ -8,7 +8,7 @@ from conftest import ROOT
 from test_cli import one_error_line, run_cli
 
 from src.errors import UserError
-from src.training.teacher import check_writable_dir
+from src.folders import check_writable_dir
 
 TEACHER = str(ROOT / "checkpoints" / "teacher_tiny")
 

@@ -76,7 +76,7 @@ def test_limit_takes_each_tasks_first_prompts_in_file_order():
 
 
 def test_relative_checkpoint_paths_are_not_mistaken_for_hub_ids(workdir, capsys):
-    from evaluation.generate import is_hub_id
+    from src.hub import is_hub_id
 
     (workdir / "checkpoints").mkdir()
     assert not is_hub_id("checkpoints/teacher_tiny") and is_hub_id("black-forest-labs/FLUX.1-dev")

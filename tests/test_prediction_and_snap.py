@@ -15,7 +15,7 @@ from src.models.loading import load_transformer
 from src.models.pipeline import SamplingConfig, ShapesPipeline
 from src.models.text_encoder import HashTextEncoder, TextEncoderConfig
 from src.training.conditioning import FlowInputs, velocity
-from src.training.teacher import lr_factor
+from src.training.schedules import lr_factor
 
 
 def test_sample_prediction_converts_to_the_velocity():

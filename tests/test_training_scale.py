@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from src.errors import UserError
 from src.models.convert import ConversionConfig
 from src.training.distill import StageSpec
-from src.training.experiment import EvalSpec, StudentSpec, TaylorSpec, TeacherSpec, run_experiment
+from src.training.experiment import EvalSpec, StudentSpec, TaylorSpec, TeacherSpec
+from src.training.runner import run_experiment
 
 
 @pytest.fixture(scope="module")

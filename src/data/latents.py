@@ -45,7 +45,7 @@ def load_manifest(path: str, cache_dir: str | None = None) -> dict[str, Any]:
     """The manifest of a prepared folder or URL; one-line errors naming the file."""
     where = _join(path, MANIFEST)
     if is_remote(path):
-        from litdata.streaming.downloader import get_downloader
+        from litdata.streaming.downloader import get_downloader  # heavy: only remote shards need it
 
         if cache_dir:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ class LatentDataModule(L.LightningDataModule):
         )
 
     def dataloader(self):
-        from litdata import StreamingDataLoader, StreamingDataset
+        from litdata import StreamingDataLoader, StreamingDataset  # heavy: only the latent path needs litdata
 
         source = _join(self.path, self.split)
         dataset = StreamingDataset(

@@ -35,9 +35,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
-from evaluation.generate import DTYPES, is_hub_id, resolve_device, short_reason
-from src.errors import UserError
+from src.dtypes import DTYPES, resolve_device
+from src.errors import UserError, short_reason
+from src.hub import is_hub_id
 
 FORMAT = "dense2moe-latents/1"
 """Manifest format tag; LatentDataModule refuses any other."""
@@ -141,7 +144,7 @@ def read_prompts(path: str | Path) -> list[dict[str, str | None]]:
 
 
 def _read_parquet(file: Path) -> list[dict[str, str | None]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy: only parquet prompt files need it
 
     try:
         names = pq.read_schema(file).names
@@ -190,7 +193,7 @@ def is_flux_pipeline_class(name: str | None) -> bool:
 
 def load_pipeline(cfg: PrepareConfig):
     """The FluxPipeline of ``cfg.pipeline`` on ``cfg.device``; without its transformer when only the VAE is needed."""
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline  # heavy: only encoding with a real pipeline needs it
 
     source = cfg.pipeline
     local = Path(source).expanduser()
@@ -292,8 +295,6 @@ class SampleMaker:
         return (z_BChw - vae.config.shift_factor) * vae.config.scaling_factor
 
     def _load_image(self, record: dict, index: int) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-
         if record["image"] is None:
             raise UserError(
                 f"prompt {index} ({record['prompt'][:40]!r}): latents=vae needs an 'image' for every prompt"
@@ -363,7 +364,7 @@ def _plan(records: list[dict], cfg: PrepareConfig) -> dict[str, list[list[int]]]
 
 def _write_part(split_dir: Path, part: int, indices: list[int], records, maker: SampleMaker, cfg, bar) -> dict:
     """Encode one part into chunk files in ``split_dir``; returns its manifest entry and litdata config."""
-    from litdata.streaming.writer import BinaryWriter
+    from litdata.streaming.writer import BinaryWriter  # heavy: only writing shards needs it
 
     tmp = split_dir / f".part-{part:05d}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed inside this part
@@ -442,8 +443,6 @@ def prepare_data(data: PrepareConfig, progress: bool = True) -> dict[str, Any]:
         data: What to read, how to encode it and where to write it.
         progress: Show a progress bar.
     """
-    from tqdm import tqdm
-
     cfg = data
     out = Path(cfg.output_dir)
     records = read_prompts(cfg.prompts)[: cfg.limit]

@@ -61,7 +61,14 @@ class ConversionConfig:
     balance: str = "aux"
     """Load balancing: "aux", "aux_free" or "none" (passed to MoEConfig)."""
     aux_loss_weight: float = 1e-2
-    """Balance loss weight λ (paper: 0.01; passed to MoEConfig)."""
+    """Balance loss weight λ (paper: 0.01; passed to MoEConfig); used when balance == "aux"."""
+    z_loss_weight: float = 0.0
+    """Weight of the router z-loss mean(logsumexp(logits)²) (ST-MoE); 0 = off (passed to MoEConfig)."""
+    bias_update_rate: float = 1e-3
+    """Step size γ of the aux-loss-free bias update (balance == "aux_free"; passed to MoEConfig)."""
+    up_bias: bool = True
+    """Biases on the shared and routed up-projections, holding the dense FFN's up-projection bias (passed to
+    MoEConfig). False leaves them out: the student then no longer computes the dense function at conversion."""
     routing: str = "token_choice"
     """"token_choice" (the paper) or "expert_choice" (each expert takes its top tokens; needs balance="none")."""
     capacity_factor: float = 1.0
@@ -98,6 +105,8 @@ class ConversionConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: allowed {list(allowed)}")
         check_routing(self.routing, self.capacity_factor, self.pool, self.balance)
+        # MoEConfig's own checks of the fields passed to it, before any FFN width is known
+        MoEConfig(**{name: getattr(self, name) for name in ("aux_loss_weight", "z_loss_weight", "bias_update_rate")})
 
     def moe_config(self, ffn_width: int) -> MoEConfig:
         """The MoE layer config for a dense FFN of width F, widths resolved (ValueError if they don't divide F)."""
@@ -121,7 +130,10 @@ class ConversionConfig:
             route_scale=self.route_scale,
             balance=self.balance,
             aux_loss_weight=self.aux_loss_weight,
+            z_loss_weight=self.z_loss_weight,
+            bias_update_rate=self.bias_update_rate,
             router_init=self.router_init,
+            up_bias=self.up_bias,
             routing=self.routing,
             capacity_factor=self.capacity_factor,
             pool=self.pool,
@@ -171,7 +183,7 @@ def convert_flux_to_moe(
             up_weight_FD=ffn.up.weight,
             generator=generator,
         )
-        state |= _moe_state(name + ".", ffn, shared_idx, expert_idx_EF, cfg.router_init, generator)
+        state |= _moe_state(name + ".", ffn, shared_idx, expert_idx_EF, cfg.router_init, cfg.up_bias, generator)
         if ffn.fused:
             block = name.rsplit(".", 1)[0]
             dim = ffn.down.out_features
@@ -203,6 +215,7 @@ def _moe_state(
     shared_idx: torch.Tensor,
     expert_idx_EF: torch.Tensor,
     router_init: str,
+    up_bias: bool,
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
     """MoEFeedForward tensors holding the dense FFN's neurons (shared rows/columns, per-expert slices)."""
@@ -214,12 +227,14 @@ def _moe_state(
     state: dict[str, torch.Tensor] = {}
     if len(shared_idx):
         state[prefix + "shared_up.weight"] = w_up_FD[shared_idx].contiguous()
-        state[prefix + "shared_up.bias"] = b_up_F[shared_idx].contiguous()
+        if up_bias:
+            state[prefix + "shared_up.bias"] = b_up_F[shared_idx].contiguous()
         state[prefix + "shared_down.weight"] = w_down_DF[:, shared_idx].contiguous()
     if expert_idx_EF.numel():
         num_experts, dim = expert_idx_EF.shape[0], w_up_FD.shape[1]
         state[prefix + "w_up"] = w_up_FD[expert_idx_EF].transpose(1, 2).contiguous()  # (E, F_e, D) → (E, D, F_e)
-        state[prefix + "b_up"] = b_up_F[expert_idx_EF].contiguous()
+        if up_bias:
+            state[prefix + "b_up"] = b_up_F[expert_idx_EF].contiguous()
         state[prefix + "w_down"] = (
             w_down_DF[:, expert_idx_EF].permute(1, 2, 0).contiguous()
         )  # (D, E, F_e) → (E, F_e, D)

@@ -13,14 +13,13 @@ Legend: B batch, L tokens (text + image), D hidden width, F dense FFN width.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import FeedForward
@@ -401,23 +400,6 @@ def init_config(model: FluxTransformer2DModel) -> dict[str, Any]:
     return {k: v for k, v in model.config.items() if not k.startswith("_")}
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (no memory, no init cost); buffers stay real."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def build_from_state(
     config: dict[str, Any], state: dict[str, torch.Tensor], device: torch.device | str
 ) -> FluxMoETransformer2DModel:
@@ -427,7 +409,8 @@ def build_from_state(
     parameter and must not share storage with another live model; persistent buffers it lacks keep their
     initial values (e.g. the MoE layers' zero `expert_bias`).
     """
-    with _parameters_on_meta():
+    # Parameters on the meta device (no memory, no init cost), buffers real: `state` supplies the parameters.
+    with init_empty_weights(include_buffers=False):
         model = FluxMoETransformer2DModel(**config)
     persistent = set(model.state_dict())
     state = dict(state)

@@ -16,9 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from diffusers import FluxTransformer2DModel
+from safetensors import safe_open
 from torch import nn
 
 from src.errors import UserError
+from src.models.flux_moe import FluxMoETransformer2DModel
 
 KNOWN_CLASSES = ("FluxTransformer2DModel", "FluxMoETransformer2DModel")
 PROJECT_CONFIG_KEYS = ("prediction_type", "sampling_shift", "sampling_schedule", "world")
@@ -26,11 +29,7 @@ PROJECT_CONFIG_KEYS = ("prediction_type", "sampling_shift", "sampling_schedule",
 
 def _model_class(name: str) -> type:
     if name == "FluxTransformer2DModel":
-        from diffusers import FluxTransformer2DModel
-
         return FluxTransformer2DModel
-    from src.models.flux_moe import FluxMoETransformer2DModel
-
     return FluxMoETransformer2DModel
 
 
@@ -68,8 +67,6 @@ def load_transformer(path: str | Path, expected: dict[str, Any] | None = None, *
 def _check_weights_match_config(folder: Path, model: nn.Module) -> None:
     """config.json and the weights must describe the same model: diffusers leaves tensors the weights lack on the
     meta device and drops weights the config has no place for."""
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return

@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from src.models.flux_moe import FluxMoESingleTransformerBlock
@@ -66,9 +69,6 @@ def read_lora(path: str | Path) -> dict[str, LoRAFactors]:
 
     ValueError naming the file and the offending key for anything this module refuses (see the module docstring).
     """
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"lora {path}: no such file")
@@ -91,8 +91,6 @@ def lora_factors(
     state: dict[str, Tensor], metadata: dict | None = None, source: str = "lora"
 ) -> dict[str, LoRAFactors]:
     """`read_lora` on an in-memory state dict (and the file's diffusers LoRA metadata, if any)."""
-    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
-
     if not state:
         raise ValueError(f"{source}: holds no tensors")
     for marker, kind in (

@@ -35,7 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from src.models.flux_moe import FluxMoETransformer2DModel, init_config
 from src.models.mob import mob_groups
@@ -246,8 +248,6 @@ def _measure(block: nn.Module, trained: frozenset[str], compute_dtype: torch.dty
 
 
 def _saved_bytes(block: nn.Module, image: int, text: int, compute_dtype: torch.dtype, grad_in: bool) -> int:
-    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
-
     gen = torch.Generator().manual_seed(0)
     D = REPLICA_WIDTH
     hidden = torch.randn(1, image, D, generator=gen).to(compute_dtype).requires_grad_(grad_in)
@@ -291,8 +291,6 @@ __all__ = ["StageSetup", "block_constants", "format_plan", "plan_stage"]
 def allocation_peak(fn) -> int:
     """Highest sum of CPU allocations minus frees while ``fn`` runs (bytes above what was live before), from
     torch.profiler's memory events: what the plan is checked against on the CPU."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(

@@ -13,9 +13,18 @@ import warnings
 from functools import cache
 from typing import Any
 
+from jsonargparse import ArgumentError, ArgumentParser
+from lightning.pytorch.cli import LightningCLI
+
+from src.config_parsing import config_error_line, instantiate, user_facing_error
 from src.errors import UserError
+from src.models.convert import ConversionConfig
 from src.sweep.configs import check_path, is_experiment, load_base, trial_config, variant_base
+from src.sweep.pruning import TRAIN_METRICS
 from src.sweep.spec import VARIANT_PARAM, SweepSpec
+from src.training.experiment import StudentSpec, validate_order, validate_schedules
+from src.training.report import summary_keys
+from src.training.runner import run_experiment
 
 MAX_COMBINATIONS = 64
 """Combinations of the other parameters' bounds tried before a value is called invalid (m ≤ κ-style couplings)."""
@@ -23,25 +32,15 @@ MAX_COMBINATIONS = 64
 
 @cache
 def _experiment_parser():
-    from jsonargparse import ArgumentParser
-
-    from src.training.experiment import run_experiment
-
     parser = ArgumentParser(exit_on_error=False)
     parser.add_function_arguments(run_experiment, as_positional=False)
     return parser
 
 
 def _experiment_problem(config: dict[str, Any]) -> str | None:
-    from jsonargparse import ArgumentError
-
-    from src.cli import _instantiate, config_error_line, user_facing_error
-    from src.models.convert import ConversionConfig
-    from src.training.experiment import StudentSpec, validate_order, validate_schedules
-
     parser = _experiment_parser()
     try:
-        init = _instantiate(parser, parser.parse_object(copy.deepcopy(config)))  # parse_object edits its input
+        init = instantiate(parser, parser.parse_object(copy.deepcopy(config)))  # parse_object edits its input
         student = init.student or StudentSpec(conversion=ConversionConfig())
         validate_order(init.stages, student)
         validate_schedules(init.evaluation, student, init.data)
@@ -56,10 +55,6 @@ def _experiment_problem(config: dict[str, Any]) -> str | None:
 
 def _lightning_problem(config: dict[str, Any]) -> str | None:
     """Parse (without instantiating anything) the way ``python -m src.cli fit --config`` will."""
-    from jsonargparse import ArgumentError
-    from lightning.pytorch.cli import LightningCLI
-
-    from src.cli import config_error_line
 
     class ParseOnly(LightningCLI):
         def _set_seed(self) -> None:
@@ -94,9 +89,6 @@ def config_problem(config: dict[str, Any]) -> str | None:
 
 def check_sweep(spec: SweepSpec) -> None:
     """UserError, naming the sweep file and the key, on the first problem found."""
-    from src.sweep.pruning import TRAIN_METRICS
-    from src.training.report import summary_keys
-
     where = spec.source
     names = [v.name for v in spec.variants] or [None]
     raw = {name: load_base(spec.variant(name).base or spec.base, spec.source) for name in names}

@@ -22,6 +22,9 @@ import yaml
 from src.config_files import EXPERIMENT_PATHS, HUB_KEYS, resolve_in_config
 from src.errors import UserError
 from src.sweep.spec import VARIANT_PARAM, SweepSpec
+from src.training.distill import StageSpec
+from src.training.mlflow_logging import MLflowLogger
+from src.training.runner import run_experiment
 
 DRIVER_KEYS = (
     "name",
@@ -40,8 +43,6 @@ SCHEDULE_FIELDS = ("steps", "warmup_steps", "checkpoint_every")
 # --- the schema ------------------------------------------------------------------------------------------------
 @cache
 def _root_types() -> dict[str, Any]:
-    from src.training.experiment import run_experiment
-
     hints = typing.get_type_hints(run_experiment)
     hints.pop("return", None)
     return hints
@@ -180,8 +181,6 @@ def load_base(path: str, sweep_file: str) -> dict[str, Any]:
 
 
 def _stage_default(name: str) -> Any:
-    from src.training.distill import StageSpec
-
     return StageSpec.__dataclass_fields__[name].default
 
 
@@ -242,8 +241,6 @@ def place_lightning_run(
 ) -> dict[str, Any]:
     """A LightningCLI config whose outputs land in ``run_dir`` and whose MLflow run is the sweep's (nested under the
     trial run through ``DENSE2MOE_PARENT_RUN_ID``, which the project's MLflow logger reads)."""
-    from src.training.mlflow_logging import MLflowLogger
-
     config = copy.deepcopy(config)
     trainer = config.setdefault("trainer", {}) or {}
     config["trainer"] = trainer

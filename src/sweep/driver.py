@@ -30,14 +30,18 @@ from typing import Any
 import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from src.errors import UserError
+from src.folders import check_writable_dir
 from src.sweep import checks, configs, report
 from src.sweep.spec import SweepSpec, load_sweep
 from src.sweep.storage import dashboard_command, default_storage, local_lock, normalize, pid_alive
 from src.sweep.study import counts, open_study
 from src.sweep.tracking import Tracker
 from src.sweep.trial import Outcome, child_env, failure, fit_command, objective_values, read_report, run_fit
+from src.training.mlflow_logging import check_tracking_uri, resolve_tracking_uri
 
 POLL_S = 2.0
 """Seconds between looks at the storage while waiting for other workers' trials."""
@@ -49,8 +53,6 @@ class Driver:
     def __init__(
         self, spec: SweepSpec, study: optuna.Study, url: str, out: Path, tracker: Tracker, parent: str, workers: int
     ) -> None:
-        from rich.console import Console
-
         self.spec, self.study, self.url, self.out = spec, study, url, out
         self.tracker, self.parent, self.workers = tracker, parent, workers
         self.n_trials = spec.n_trials
@@ -339,8 +341,6 @@ class Driver:
 
     def run(self) -> None:
         """The workers, a progress bar over the study's trials; KeyboardInterrupt after stopping the workers."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         # A sweep started in the background of a non-interactive shell inherits SIGINT ignored; Ctrl-C / kill -INT
         # must still stop it, so the handler is installed explicitly.
@@ -407,9 +407,6 @@ def sweep(
         output_dir: Folder for trial folders, plots and tables (overrides the file's ``output_dir``).
         dry_run: Check the sweep file and print the first trial's config, then stop.
     """
-    from src.training.mlflow_logging import check_tracking_uri, resolve_tracking_uri
-    from src.training.teacher import check_writable_dir
-
     if workers < 1:
         raise UserError(f"workers={workers}; allowed >= 1")
     spec = load_sweep(config)

@@ -18,6 +18,7 @@ import optuna
 from lightning.pytorch.callbacks import Callback
 
 from src.errors import UserError
+from src.sweep.storage import open_storage
 
 TRAIN_METRICS = ("train/loss", "train/loss_out", "train/loss_feature", "train/loss_balance")
 """Metrics every distillation stage logs at every step (src/training/distill.py)."""
@@ -75,8 +76,6 @@ class OptunaStepPruning(Callback):
 
     def _open(self) -> optuna.trial.Trial:
         if self._trial is None:
-            from src.sweep.storage import open_storage
-
             storage = open_storage(self.storage)
             study = optuna.load_study(
                 study_name=self.study_name,

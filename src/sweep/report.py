@@ -118,7 +118,7 @@ def claims(study: optuna.Study, spec: SweepSpec) -> str:
 
 
 def _save(axes: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only the plots need it
 
     first = axes.flat[0] if hasattr(axes, "flat") else axes
     figure = first.figure
@@ -129,10 +129,10 @@ def _save(axes: Any, path: Path) -> Path:
 
 def plots(study: optuna.Study, spec: SweepSpec, folder: Path) -> tuple[list[Path], list[str]]:
     """(PNG files, notes on plots that were skipped and why)."""
-    import matplotlib
+    import matplotlib  # heavy: only the plots need it (and its backend is set before pyplot loads)
 
     matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as vis
+    from optuna.visualization import matplotlib as vis  # heavy (matplotlib): only the plots need it
 
     folder.mkdir(parents=True, exist_ok=True)
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]

@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import optuna
+from optuna.storages.journal import JournalFileBackend
+
 from src.errors import UserError
 
 JOURNAL_SUFFIXES = (".journal", ".log")
@@ -47,9 +50,6 @@ def normalize(url: str) -> str:
 
 def open_storage(url: str):
     """An Optuna storage for ``url`` (UserError naming the URL when it cannot be opened)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
     allowed = "sqlite:///path.db, postgresql://user@host/db (any SQLAlchemy URL), or journal:path / path.journal"
     if is_journal(url):
         path = journal_path(url)

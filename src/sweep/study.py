@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from src.errors import UserError
 from src.sweep import configs
+from src.sweep.pruning import make_pruner
 from src.sweep.spec import SweepSpec
 from src.sweep.storage import open_storage
 
@@ -67,8 +68,6 @@ def counts(t: FrozenTrial) -> bool:
 
 
 def open_study(spec: SweepSpec, url: str) -> optuna.Study:
-    from src.sweep.pruning import make_pruner
-
     storage = open_storage(url)
     try:
         existing = optuna.load_study(study_name=spec.name, storage=storage)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import lightning as L
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.utils import make_grid
 
 from evaluation.detectors import image_scorer, metric_prefix
 from evaluation.geneval import result_record, summarize
@@ -56,12 +59,16 @@ class FlowModule(L.LightningModule):
 
 
 def image_grid(images: list[np.ndarray] | np.ndarray, cols: int = 8, scale: int = 4, pad: int = 2) -> np.ndarray:
-    """Tile uint8 (H, W, 3) images into one grid, upscaled (nearest) so 32×32 samples are visible."""
-    images = [np.kron(im, np.ones((scale, scale, 1), dtype=np.uint8)) for im in images]
-    h, w, _ = images[0].shape
-    rows = (len(images) + cols - 1) // cols
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
-    return grid
+    """Tile uint8 (H, W, 3) images into one grid, upscaled (nearest) so 32×32 samples are visible.
+
+    `cols` columns even when there are fewer images, white padding and white cells after the last image.
+    """
+    tiles_BCHW = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    tiles_BCHW = tiles_BCHW.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    rows = (len(tiles_BCHW) + cols - 1) // cols
+    # blank cells up to `cols` columns (make_grid narrows a short single row; a lone image gets no border)
+    blank = tiles_BCHW.new_full((rows * cols - len(tiles_BCHW), *tiles_BCHW.shape[1:]), 255)
+    grid_CHW = make_grid(torch.cat([tiles_BCHW, blank]), nrow=cols, padding=pad, pad_value=255)
+    if rows * cols == 1:
+        grid_CHW = F.pad(grid_CHW, (pad, pad, pad, pad), value=255)
+    return np.ascontiguousarray(grid_CHW.permute(1, 2, 0).numpy())

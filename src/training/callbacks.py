@@ -130,7 +130,7 @@ class ExpertLoadCallback(Callback):
 
 def load_heatmap(share: np.ndarray, ylabel: str, yticks: list[str] | None = None):
     """Heatmap of assignment shares (rows sum to 1); uniform routing is 1/E everywhere."""
-    import matplotlib
+    import matplotlib  # heavy: only the heatmap needs it (and its backend is set before pyplot loads)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

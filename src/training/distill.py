@@ -20,23 +20,26 @@ Legend: B batch, L image tokens, D token width.
 
 from __future__ import annotations
 
-import math
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning import Trainer
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from src.data.worlds import model_world
 from src.errors import UserError
 from src.models.flow import TIMESTEP_SAMPLINGS, sample_sigmas
 from src.models.mob import mob_groups
-from src.models.moe import clear_aux_losses, moe_layers, sync_balance_losses, update_expert_biases
+from src.models.moe import clear_aux_losses, moe_layers, set_top_k, sync_balance_losses, update_expert_biases
 from src.training.accumulation import check_accumulation
 from src.training.base import FlowModule
 from src.training.conditioning import LatentConditioning, ShapesConditioning, velocity
 from src.training.precision import apply_precision, check_precision
+from src.training.schedules import warmup_schedule
 from src.training.strategies import check_strategy, fsdp_spec
 
 STAGE_KINDS = ("shared_kd", "moe_kd", "mob_kd", "dense_kd")
@@ -117,10 +120,6 @@ class StageSpec:
 
 def check_extra_trainer(extra: dict[str, Any]) -> None:
     """``extra_trainer`` keys must be ``lightning.Trainer`` arguments; a precision in it obeys the precision policy."""
-    import inspect
-
-    from lightning import Trainer
-
     accepted = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
     for key in extra:
         if key not in accepted:
@@ -247,8 +246,6 @@ class DistillStage(FlowModule):
         self.strict_loading = False  # the frozen teacher is not stored in stage checkpoints
         self.top_k = max((layer.cfg.top_k for layer in moe_layers(student)), default=0)
         if spec.kind == "shared_kd":
-            from src.models.moe import set_top_k
-
             set_top_k(student, 0)
         self._params = trainable_parameters(student, spec)
         apply_precision(student, self._params, spec.precision, fsdp=fsdp_spec(spec.strategy))
@@ -376,8 +373,6 @@ class DistillStage(FlowModule):
         self.check_finite()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         model = self.trainer.model if self._trainer is not None else None
         if gradient_clip_val and isinstance(model, FullyShardedDataParallel):
             # Lightning's FSDP precision plugin cannot clip by norm; FSDP computes the norm over all shards
@@ -388,15 +383,9 @@ class DistillStage(FlowModule):
     def configure_optimizers(self):
         spec = self.spec
         opt = torch.optim.AdamW(self._params, lr=spec.lr, weight_decay=spec.weight_decay)
-        warmup, total = max(1, spec.warmup_steps), max(spec.steps, spec.warmup_steps + 1)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / (total - warmup))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(progress * math.pi))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        # always a cosine decay: total > warm-up
+        total = max(spec.steps, max(1, spec.warmup_steps) + 1)
+        sched = warmup_schedule(opt, spec.warmup_steps, "cosine", total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

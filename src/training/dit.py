@@ -30,6 +30,7 @@ from src.models.dit_sampling import SamplerConfig, interpolate, sample, sample_t
 from src.models.flow import fixed_noise, to_uint8
 from src.models.moe import sync_balance_losses, total_aux_loss, update_expert_biases
 from src.training.base import image_grid
+from src.training.schedules import warmup_schedule
 
 OBJECTIVES = {"flow": ("v", "uniform"), "jit": ("x", "logit_normal")}
 """objective → (the prediction the network must make, training t distribution)."""
@@ -146,8 +147,7 @@ class DiTModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        warmup = max(1, hp.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        sched = warmup_schedule(opt, hp.warmup_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- validation: class accuracy, FID, one grid row per class ----------------------------------------

@@ -1,6 +1,7 @@
 """A Dense2MoE experiment: teacher → (prune) → Taylor scores → MoE student → stages in order → evaluation.
 
-``python -m src.cli fit --config experiments/moe_s.yaml`` lands here when the YAML has ``stages``. Each stage is
+This module defines the YAML's sections and checks them; ``python -m src.cli fit --config experiments/moe_s.yaml``
+calls ``run_experiment`` (src/training/runner.py) when the YAML has ``stages``. Each stage is
 its own Lightning ``Trainer.fit`` and its own MLflow run, nested under one parent run per experiment; a stage's
 exported student feeds the next. Rerunning the same command skips finished stages and resumes an interrupted one
 from its newest checkpoint; a finished stage whose recorded configuration differs from the current one is refused
@@ -15,18 +16,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import docstring_parser
+import yaml
 from lightning.pytorch.callbacks import Callback
 
+from src.dtypes import DTYPES
 from src.errors import UserError
+from src.models.compute_schedule import as_lists, check_schedule
 from src.models.convert import ConversionConfig
 from src.models.mob import MoBConfig
+from src.models.moe import parse_layout
 from src.training.distill import StageSpec
 
 
@@ -48,8 +52,8 @@ class TeacherSpec:
     """Guidance value fed to a guidance-distilled teacher (and its student)."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in TEACHER_DTYPES:
-            raise ValueError(f"teacher.dtype={self.dtype!r}; allowed {list(TEACHER_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"teacher.dtype={self.dtype!r}; allowed {list(DTYPES)}")
 
 
 @dataclass
@@ -143,8 +147,6 @@ class EvalSpec:
             raise ValueError(f"evaluation.cfg_scale={self.cfg_scale}: must be >= 0")
         if self.shift is not None and self.shift <= 0:
             raise ValueError(f"evaluation.shift={self.shift}: must be > 0 (or null: the teacher's own)")
-        from src.models.compute_schedule import as_lists, check_schedule
-
         for name in ("top_k_schedule", "mob_active_schedule"):
             # kept as lists: the experiment is dumped to YAML (sweep trial configs, fingerprints)
             setattr(self, name, as_lists(check_schedule(getattr(self, name), f"evaluation.{name}")))
@@ -183,12 +185,13 @@ class DataSpec:
             raise ValueError(f"data.verify={self.verify!r}; allowed ['none', 'size', 'hash']")
 
 
-TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 DATA_KINDS = ("shapes", "latents")
 RUNTIME_FIELDS = ("num_workers", "verify", "cache_dir")
 """Fields that cannot change a result: left out of stage fingerprints."""
 LATER_FIELDS = {"dtype": "float32", "kind": "shapes", "path": None}
 """Fields added after stage folders already existed: fingerprinted only when set, so those folders still resume."""
+LATER_CONVERSION_FIELDS = {"z_loss_weight": 0.0, "bias_update_rate": 1e-3, "up_bias": True}
+"""The same for ``student.conversion`` (ConversionConfig)."""
 
 
 def recipe(spec: Any) -> dict[str, Any]:
@@ -242,8 +245,6 @@ def validate_schedules(evaluation: EvalSpec | None, student: StudentSpec, data: 
     if top_k:
         if student.conversion is None:
             raise UserError("evaluation.top_k_schedule: the student has no MoE layers (student.conversion is null)")
-        from src.models.moe import parse_layout
-
         num_experts = parse_layout(student.conversion.layout)[1]
         if max(k for _, k in top_k) > num_experts:
             raise UserError(f"evaluation.top_k_schedule={top_k}: top-k above the layout's {num_experts} routed experts")
@@ -274,12 +275,22 @@ class Experiment:
     callbacks: list[Callback] = field(default_factory=list)
     mlflow_parent_run_id: str | None = None
 
+    def _student_recipe(self) -> dict[str, Any]:
+        student = asdict(self.student)
+        if student.get("conversion"):
+            student["conversion"] = {
+                k: v
+                for k, v in student["conversion"].items()
+                if not (k in LATER_CONVERSION_FIELDS and v == LATER_CONVERSION_FIELDS[k])
+            }
+        return student
+
     def stage_fingerprint(self, index: int) -> str:
         """What a stage's result depends on: teacher, student recipe, Taylor calibration, stages up to it."""
         return fingerprint(
             {
                 "teacher": recipe(self.teacher),
-                "student": asdict(self.student),
+                "student": self._student_recipe(),
                 "taylor": asdict(self.taylor),
                 "data": recipe(self.data),
                 "seed": self.seed,
@@ -288,73 +299,8 @@ class Experiment:
         )
 
 
-def run_experiment(
-    name: str,
-    stages: list[StageSpec],
-    teacher: TeacherSpec | None = None,
-    student: StudentSpec | None = None,
-    taylor: TaylorSpec | None = None,
-    evaluation: EvalSpec | None = None,
-    data: DataSpec | None = None,
-    output_dir: str | None = None,
-    seed: int = 0,
-    experiment_name: str = "dense2moe",
-    tracking_uri: str | None = None,
-    only_stage: str | None = None,
-    threads: int | None = None,
-    callbacks: list[Callback] | None = None,
-    mlflow_parent_run_id: str | None = None,
-) -> dict[str, Any]:
-    """Run a Dense2MoE experiment: its stages in order, then the teacher-vs-student evaluation.
-
-    Args:
-        name: Experiment name (parent MLflow run name; default output folder runs/<name>).
-        stages: The distillation stages, in order.
-        teacher: The dense teacher.
-        student: How the student is made (conversion, MoB, pruning).
-        taylor: Taylor-score calibration.
-        evaluation: The evaluation at the end.
-        data: Training data (the shapes world, or prepare-data latents).
-        output_dir: Where stages, checkpoints and the report go (default runs/<name>).
-        seed: Seed of every stage's noise and timesteps.
-        experiment_name: MLflow experiment.
-        tracking_uri: MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
-        only_stage: Run just this stage (its predecessors must be finished) and skip the evaluation.
-        threads: torch CPU threads.
-        callbacks: Extra Lightning callbacks for every stage (the sweep driver's pruning callback).
-        mlflow_parent_run_id: Nest the experiment's parent MLflow run under this run (a sweep trial's run).
-    """
-    from src.training.runner import run  # heavy imports only when running
-
-    if threads:
-        torch.set_num_threads(threads)
-    student = student or StudentSpec(conversion=ConversionConfig())
-    validate_order(stages, student)
-    validate_schedules(evaluation, student, data)
-    if only_stage is not None and only_stage not in [s.name for s in stages]:
-        raise UserError(f"only_stage={only_stage!r}: not one of {[s.name for s in stages]}")
-    exp = Experiment(
-        name=name,
-        teacher=teacher or TeacherSpec(),
-        student=student,
-        stages=stages,
-        taylor=taylor or TaylorSpec(),
-        evaluation=evaluation or EvalSpec(),
-        data=data or DataSpec(),
-        output_dir=Path(output_dir or os.path.join("runs", name)),
-        seed=seed,
-        experiment_name=experiment_name,
-        tracking_uri=tracking_uri,
-        callbacks=list(callbacks or []),
-        mlflow_parent_run_id=mlflow_parent_run_id,
-    )
-    return run(exp, only_stage)
-
-
 def is_experiment_config(path: str) -> bool:
     """True for an experiment YAML (has ``stages``) rather than a plain LightningCLI config."""
-    import yaml
-
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
@@ -364,8 +310,6 @@ def is_experiment_config(path: str) -> bool:
 
 def yaml_keys() -> str:
     """Every key an experiment YAML may hold, one line each with its default and docstring (``fit --help``)."""
-    import docstring_parser
-
     lines = ["experiment YAML keys (each also works on the command line as --key.path value):"]
 
     def walk(cls: type, prefix: str) -> None:

@@ -19,26 +19,33 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+import torch
+from PIL import Image
 
 from evaluation.bootstrap import Interval, geneval_differences, mean_interval, per_prompt_accuracy
 from evaluation.detectors import image_scorer, metric_prefix
-from evaluation.evaluate import progress_bar
 from evaluation.fidelity import fidelity
 from evaluation.generate import image_seed
 from evaluation.geneval import result_record, summarize
 from evaluation.provenance import state_dict_sha256
+from src.data.latents import LatentDataModule, load_manifest
 from src.data.shapes import TASKS
 from src.data.worlds import WORLDS, make_world, model_world
 from src.models.accounting import count_params, flops_per_image, trajectory_cost
+from src.models.flow import euler_sample, fixed_noise
 from src.models.pipeline import ShapesPipeline
+from src.progress import progress_bar
 from src.training.base import image_grid
+from src.training.conditioning import velocity
 
 
 def generate_all(
@@ -143,8 +150,6 @@ def summary_keys(data_kind: str = "shapes", world: str | None = None) -> list[st
 
 
 def evaluate_experiment(exp, teacher, student, pipeline: ShapesPipeline, uri: str, parent_run_id: str) -> dict:
-    import mlflow
-
     ev = exp.evaluation
     world = model_world(teacher)
     prefix = metric_prefix(world)
@@ -235,8 +240,6 @@ def evaluate_experiment(exp, teacher, student, pipeline: ShapesPipeline, uri: st
     (report_dir / "summary.md").write_text(table)
     (report_dir / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
     (report_dir / "per_prompt.json").write_text(json.dumps(per_prompt) + "\n")
-    from PIL import Image
-
     Image.fromarray(grid).save(report_dir / "teacher_vs_student.png")
     return results
 
@@ -302,10 +305,6 @@ def evaluate_latents(exp, teacher, student, conditioning, uri: str, parent_run_i
     embedding), sampling latency, and parameters/FLOPs. Image-level quality: export the student and run
     ``python -m src.cli evaluate`` with the FLUX pipeline.
     """
-    import mlflow
-
-    from src.data.latents import load_manifest
-
     manifest = load_manifest(exp.data.path, exp.data.cache_dir)
     _, h, w = manifest["latent_shape"]
     tokens = (h // 2) * (w // 2)
@@ -339,14 +338,7 @@ def evaluate_latents(exp, teacher, student, conditioning, uri: str, parent_run_i
 
 def _latent_fidelity(exp, teacher, student, conditioning, tokens: int) -> dict[str, Any]:
     """Velocity and sampled-latent fidelity over the held-out split; every sample's noise is seeded by its index."""
-    import math
-
-    import torch
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    from src.data.latents import LatentDataModule
-    from src.models.flow import euler_sample, fixed_noise
-    from src.training.conditioning import velocity
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # heavy (transformers): latent data only
 
     ev, guidance = exp.evaluation, conditioning.guidance
     data = LatentDataModule(

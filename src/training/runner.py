@@ -1,4 +1,8 @@
-"""Runs an ``Experiment``: builds the student, runs each stage as its own Trainer.fit, resumes, evaluates."""
+"""Runs an ``Experiment``: builds the student, runs each stage as its own Trainer.fit, resumes, evaluates.
+
+``run_experiment`` is what ``python -m src.cli fit`` calls for an experiment YAML (its arguments are the YAML's
+keys, src/training/experiment.py defines them).
+"""
 
 from __future__ import annotations
 
@@ -13,21 +17,40 @@ from typing import Any
 import lightning as L
 import mlflow
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from src.data.datamodule import ShapesDataModule
+from src.data.latents import LatentDataModule
+from src.data.prepare import config_class_name, is_flux_pipeline_class
 from src.data.worlds import DEFAULT_WORLD, model_world
-from src.errors import UserError
+from src.dtypes import DTYPES
+from src.errors import UserError, short_reason
+from src.folders import check_writable_dir
+from src.hub import is_hub_id
+from src.models.convert import ConversionConfig
 from src.models.loading import load_transformer
-from src.models.mob import mob_groups
+from src.models.mob import group_spans, mob_groups
 from src.models.moe import set_top_k
 from src.models.pipeline import SamplingConfig, ShapesPipeline
+from src.models.prune import block_importance_mse
 from src.models.student import StudentRecipe, build_student, with_mob
+from src.models.taylor import load_scores, save_scores, taylor_scores
+from src.progress import progress_bar
 from src.training.accumulation import accumulate_datamodule
 from src.training.callbacks import ExpertLoadCallback, StageProgressBar
 from src.training.conditioning import LatentConditioning, ShapesConditioning, velocity
 from src.training.describe import config_yaml, experiment_params, stage_params
 from src.training.distill import DistillStage, StageSpec
-from src.training.experiment import Experiment
+from src.training.experiment import (
+    DataSpec,
+    EvalSpec,
+    Experiment,
+    StudentSpec,
+    TaylorSpec,
+    TeacherSpec,
+    validate_order,
+    validate_schedules,
+)
 from src.training.folder_lock import folder_lock
 from src.training.mlflow_logging import (
     MLflowLogger,
@@ -39,6 +62,7 @@ from src.training.mlflow_logging import (
     resolve_tracking_uri,
 )
 from src.training.precision import STUDENT_LOAD_DTYPE
+from src.training.report import evaluate_experiment, evaluate_latents
 from src.training.strategies import (
     build_strategy,
     full_student,
@@ -48,15 +72,12 @@ from src.training.strategies import (
     launched_num_nodes,
     rank_barrier,
 )
-from src.training.teacher import check_writable_dir
 from src.training.terminal import quiet_lightning
 
 
 def load_teacher(exp: Experiment) -> torch.nn.Module:
     """The dense teacher in ``teacher.dtype`` from a transformer folder, a FLUX pipeline folder (with
     ``subfolder: transformer``) or a hub id; diffusers builds it on the meta device, then assigns the weights."""
-    from evaluation.generate import DTYPES
-
     spec = exp.teacher
     folder = teacher_folder(exp)
     teacher = load_transformer(folder, spec.expected or None, dtype=DTYPES[spec.dtype], low_cpu_mem_usage=True)
@@ -65,8 +86,6 @@ def load_teacher(exp: Experiment) -> torch.nn.Module:
 
 def teacher_folder(exp: Experiment) -> Path:
     """The checked local folder of the teacher's transformer (a hub id is downloaded first)."""
-    from evaluation.generate import is_hub_id
-
     spec = exp.teacher
     root = Path(spec.path).expanduser()
     if not root.exists() and is_hub_id(spec.path):
@@ -78,9 +97,7 @@ def teacher_folder(exp: Experiment) -> Path:
 
 def _hub_snapshot(repo: str, subfolder: str | None) -> Path:
     """The local copy of a hub repository (the transformer subfolder only), downloading what is missing."""
-    from huggingface_hub import snapshot_download
-
-    from evaluation.generate import short_reason
+    from huggingface_hub import snapshot_download  # looked up when called: tests replace it with an offline stub
 
     patterns = [f"{subfolder}/*", "model_index.json"] if subfolder else None
     try:
@@ -95,8 +112,6 @@ def _hub_snapshot(repo: str, subfolder: str | None) -> Path:
 
 def _check_teacher_folder(name: str, root: Path, folder: Path) -> None:
     """A missing folder or one holding another kind of model is named, with the file that says so."""
-    from src.data.prepare import config_class_name, is_flux_pipeline_class
-
     if not root.is_dir():
         raise UserError(
             f"teacher.path {name}: no such folder (a FluxTransformer2DModel folder, a FLUX pipeline folder with "
@@ -117,8 +132,6 @@ def _stream_data(exp: Experiment, batch_size: int, offset: int, teacher=None, ve
     """The stage's training data; latent data is checked against the teacher's config (and its shards with
     ``verify``, which ``run`` does once for all stages)."""
     if exp.data.kind == "latents":
-        from src.data.latents import LatentDataModule
-
         d = exp.data
         return LatentDataModule(
             d.path,
@@ -129,8 +142,6 @@ def _stream_data(exp: Experiment, batch_size: int, offset: int, teacher=None, ve
             verify=verify,
             cache_dir=d.cache_dir,
         )
-    from src.data.datamodule import ShapesDataModule
-
     return ShapesDataModule(
         image_size=exp.data.image_size,
         batch_size=batch_size,
@@ -185,8 +196,6 @@ def taylor_batches(exp: Experiment, conditioning, teacher: torch.nn.Module):
 
 def _counted(batches, label: str, total: int):
     """``batches`` with a progress bar that advances as each one is consumed (src/models stays free of it)."""
-    from evaluation.evaluate import progress_bar
-
     with progress_bar(label, total) as progress:
         task = progress.add_task(label, total=total)
         for batch in batches:
@@ -195,9 +204,6 @@ def _counted(batches, label: str, total: int):
 
 
 def initial_student(exp: Experiment, teacher: torch.nn.Module, conditioning) -> torch.nn.Module:
-    from src.models.prune import block_importance_mse
-    from src.models.taylor import load_scores, save_scores, taylor_scores
-
     spec = exp.student
     conv, prune = spec.conversion, spec.prune
     needs_scores = conv is not None and (conv.split == "taylor" or conv.assignment in ("interleave", "contiguous"))
@@ -341,8 +347,6 @@ def run(exp: Experiment, only_stage: str | None) -> dict[str, Any]:
     check_tracking_uri(uri)
     teacher = load_teacher(exp)
     if exp.student.mob is not None:
-        from src.models.mob import group_spans
-
         try:  # refuse MoB groups that don't fit the teacher before any stage runs
             group_spans(exp.student.mob, len(teacher.transformer_blocks), len(teacher.single_transformer_blocks))
         except ValueError as err:
@@ -386,8 +390,6 @@ def check_stage_folders(exp: Experiment, only_stage: str | None) -> None:
 
 
 def _run_stages(exp: Experiment, only_stage: str | None, teacher, conditioning, uri: str) -> dict[str, Any]:
-    from src.training.report import evaluate_experiment, evaluate_latents
-
     parent, params = "", {}
     if is_main_rank():
         parent = _parent_run(exp, uri)
@@ -442,8 +444,6 @@ def _run_stages(exp: Experiment, only_stage: str | None, teacher, conditioning, 
     if not is_main_rank():  # the evaluation and the parent MLflow run belong to rank 0
         return result
     if exp.evaluation.enabled:  # evaluated in the teacher's dtype, as the teacher is
-        from evaluation.generate import DTYPES
-
         student = load_transformer(student_dir, torch_dtype=DTYPES[exp.teacher.dtype])
         if exp.data.kind == "latents":
             result |= evaluate_latents(exp, teacher, student, conditioning, uri, parent)
@@ -485,3 +485,64 @@ def _finish_parent(uri: str, run_id: str, status: str, seconds: float | None = N
     if seconds is not None:
         client.log_metric(run_id, "time/fit_seconds", seconds)
     client.set_terminated(run_id, status)
+
+
+def run_experiment(
+    name: str,
+    stages: list[StageSpec],
+    teacher: TeacherSpec | None = None,
+    student: StudentSpec | None = None,
+    taylor: TaylorSpec | None = None,
+    evaluation: EvalSpec | None = None,
+    data: DataSpec | None = None,
+    output_dir: str | None = None,
+    seed: int = 0,
+    experiment_name: str = "dense2moe",
+    tracking_uri: str | None = None,
+    only_stage: str | None = None,
+    threads: int | None = None,
+    callbacks: list[Callback] | None = None,
+    mlflow_parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Run a Dense2MoE experiment: its stages in order, then the teacher-vs-student evaluation.
+
+    Args:
+        name: Experiment name (parent MLflow run name; default output folder runs/<name>).
+        stages: The distillation stages, in order.
+        teacher: The dense teacher.
+        student: How the student is made (conversion, MoB, pruning).
+        taylor: Taylor-score calibration.
+        evaluation: The evaluation at the end.
+        data: Training data (the shapes world, or prepare-data latents).
+        output_dir: Where stages, checkpoints and the report go (default runs/<name>).
+        seed: Seed of every stage's noise and timesteps.
+        experiment_name: MLflow experiment.
+        tracking_uri: MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
+        only_stage: Run just this stage (its predecessors must be finished) and skip the evaluation.
+        threads: torch CPU threads.
+        callbacks: Extra Lightning callbacks for every stage (the sweep driver's pruning callback).
+        mlflow_parent_run_id: Nest the experiment's parent MLflow run under this run (a sweep trial's run).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    student = student or StudentSpec(conversion=ConversionConfig())
+    validate_order(stages, student)
+    validate_schedules(evaluation, student, data)
+    if only_stage is not None and only_stage not in [s.name for s in stages]:
+        raise UserError(f"only_stage={only_stage!r}: not one of {[s.name for s in stages]}")
+    exp = Experiment(
+        name=name,
+        teacher=teacher or TeacherSpec(),
+        student=student,
+        stages=stages,
+        taylor=taylor or TaylorSpec(),
+        evaluation=evaluation or EvalSpec(),
+        data=data or DataSpec(),
+        output_dir=Path(output_dir or os.path.join("runs", name)),
+        seed=seed,
+        experiment_name=experiment_name,
+        tracking_uri=tracking_uri,
+        callbacks=list(callbacks or []),
+        mlflow_parent_run_id=mlflow_parent_run_id,
+    )
+    return run(exp, only_stage)

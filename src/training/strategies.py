@@ -26,23 +26,30 @@ A list of class names (the three block names, "FluxTransformer2DModel", or dotte
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch import strategies as lightning_strategies
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
+from torch.distributed.fsdp import FullStateDictConfig, MixedPrecision, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+from src.dtypes import DTYPES
+from src.models.flux_moe import FluxMoESingleTransformerBlock, FluxMoETransformer2DModel, build_from_state, init_config
+from src.models.moe import moe_layers
 
 POLICY_KEYS = ("auto_wrap_policy", "activation_checkpointing_policy")
 BLOCK_CLASS_NAMES = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "FluxMoESingleTransformerBlock")
 MODEL_CLASS_NAMES = ("FluxTransformer2DModel",)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _flux_class(name: str) -> type[nn.Module] | None:
-    from diffusers import FluxTransformer2DModel
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
-
-    from src.models.flux_moe import FluxMoESingleTransformerBlock
-
     known = {
         "FluxTransformerBlock": FluxTransformerBlock,
         "FluxSingleTransformerBlock": FluxSingleTransformerBlock,
@@ -83,10 +90,7 @@ def policy_classes(value: str | list[str], field: str) -> set[type[nn.Module]]:
 
 
 def _strategy_class(path: str) -> type:
-    from lightning.pytorch import strategies
-    from lightning.pytorch.strategies import Strategy
-
-    cls = getattr(strategies, path, None) if "." not in path else _import(path, "strategy.class_path")
+    cls = getattr(lightning_strategies, path, None) if "." not in path else _import(path, "strategy.class_path")
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise ValueError(
             f"strategy.class_path={path!r}: not a Lightning strategy; allowed e.g. FSDPStrategy, DDPStrategy or a "
@@ -109,18 +113,16 @@ def _init_args(strategy: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mixed_precision(value: dict[str, str]) -> Any:
-    from torch.distributed.fsdp import MixedPrecision
-
     if not isinstance(value, dict):
         raise ValueError(f"strategy.init_args.mixed_precision={value!r}: must map param/reduce/buffer_dtype to names")
     dtypes = {}
     for key, name in value.items():
-        if key not in ("param_dtype", "reduce_dtype", "buffer_dtype") or name not in _DTYPES:
+        if key not in ("param_dtype", "reduce_dtype", "buffer_dtype") or name not in DTYPES:
             raise ValueError(
                 f"strategy.init_args.mixed_precision.{key}={name!r}: allowed keys param_dtype, reduce_dtype, "
-                f"buffer_dtype with values {', '.join(_DTYPES)}"
+                f"buffer_dtype with values {', '.join(DTYPES)}"
             )
-        dtypes[key] = _DTYPES[name]
+        dtypes[key] = DTYPES[name]
     return MixedPrecision(**dtypes)
 
 
@@ -154,8 +156,6 @@ def fsdp_spec(strategy: Any) -> bool:
     if isinstance(strategy, str):
         return strategy.startswith("fsdp")  # Lightning validates names when the Trainer is built
     if isinstance(strategy, dict):
-        from lightning.pytorch.strategies import FSDPStrategy
-
         return issubclass(resolve_init_args(strategy)[0], FSDPStrategy)
     raise ValueError(f"strategy={strategy!r}: allowed a Lightning strategy name or {{class_path, init_args}}")
 
@@ -174,24 +174,16 @@ def build_strategy(strategy: str | dict[str, Any], stage_kind: str | None = None
 
 def is_fsdp(strategy: Any) -> bool:
     """Whether a Trainer's strategy is Lightning's FSDP (parameters sharded across ranks after ``fit``)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     return isinstance(strategy, FSDPStrategy)
 
 
 def has_fsdp_units(module: nn.Module) -> bool:
     """Whether FSDP wrapped parts of ``module`` in place (their parameters are then shards, not weights)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+    return any(isinstance(m, FSDP) for m in module.modules())
 
 
 def launched_num_nodes() -> int:
     """Nodes of a torchrun or SLURM launch (``Trainer(num_nodes=...)`` must match it), 1 otherwise."""
-    import os
-
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
     if "LOCAL_WORLD_SIZE" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
         return max(1, int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"]))
     if SLURMEnvironment.detect():  # srun tasks (not an interactive allocation's shell)
@@ -202,8 +194,6 @@ def launched_num_nodes() -> int:
 def is_main_rank() -> bool:
     """Whether this process is global rank 0 (also before the process group exists: torchrun's RANK, SLURM's
     SLURM_PROCID or Lightning's LOCAL_RANK for the processes it launches)."""
-    from lightning.pytorch.utilities import rank_zero_only
-
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
@@ -217,12 +207,6 @@ def full_student(trainer: Any, student: nn.Module) -> nn.Module:
     """A whole copy of the student FSDP trained, built on rank 0 from the gathered weights; other ranks get
     ``student`` back (its parameters are their shards). A collective: every rank calls it.
     """
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    from src.models.flux_moe import FluxMoETransformer2DModel, build_from_state, init_config
-    from src.models.moe import moe_layers
-
     root = trainer.strategy.model
     # offloading to the CPU when the shards already are there crashes torch 2.13's FSDP
     offload = trainer.strategy.root_device.type != "cpu"

@@ -6,7 +6,6 @@ noise → x_t = (1 − σ)·x_0 + σ·ε → velocity prediction → MSE to ε �
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,44 +16,13 @@ from diffusers import FluxTransformer2DModel
 from src.atomic import replaced_folder
 from src.data.worlds import check_world
 from src.errors import UserError
+from src.folders import check_writable_dir
 from src.models.flow import PREDICTION_TYPES, TIMESTEP_SAMPLINGS, sample_sigmas
 from src.models.loading import load_transformer
 from src.models.pipeline import SamplingConfig, ShapesPipeline
 from src.models.text_encoder import HashTextEncoder, TextEncoderConfig
 from src.training.base import FlowModule
-
-
-def check_writable_dir(path: str, what: str) -> None:
-    """An output folder must be creatable and writable before any work starts.
-
-    A file is created and removed in the nearest existing folder: permission bits say nothing for root, and a
-    read-only mount only shows when written to.
-    """
-    import tempfile
-
-    folder = Path(path).expanduser().absolute()
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"{what} {path}: not writable ({probe} is a file, not a folder)")
-    try:
-        tempfile.TemporaryFile(dir=probe).close()
-    except OSError as err:
-        raise UserError(f"{what} {path}: not writable (nearest existing folder {probe}: {err.strerror})") from None
-
-
-LR_DECAYS = ("none", "cosine")
-
-
-def lr_factor(step: int, warmup: int, decay: str, total: int) -> float:
-    """Learning-rate multiplier: linear warm-up to 1, then constant or cosine down to 0.1 at `total` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if decay == "none" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / (total - warmup))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+from src.training.schedules import LR_DECAYS, warmup_schedule
 
 
 class TeacherModule(FlowModule):
@@ -172,11 +140,10 @@ class TeacherModule(FlowModule):
     def configure_optimizers(self):
         hp = self.hparams
         opt = torch.optim.AdamW(self.transformer.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        warmup = max(1, hp.warmup_steps)
         total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else 0
         if hp.lr_decay != "none" and total <= 0:
             raise UserError(f"lr_decay={hp.lr_decay!r} needs trainer.max_steps > 0 (the step it anneals to)")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, hp.lr_decay, total))
+        sched = warmup_schedule(opt, hp.warmup_steps, hp.lr_decay, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_end(self) -> None:

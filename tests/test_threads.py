@@ -1,0 +1,42 @@
+"""Thread defaults: a command without --threads takes the cores the load average leaves free."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src import threads
+
+
+@pytest.mark.parametrize(
+    ("cores", "load", "expected"),
+    [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.9, 1), (2, 7.0, 1), (16, 3.2, 13), (16, 0.0, 16)],
+)
+def test_free_cores(cores, load, expected):
+    assert threads.free_cores(cores, load) == expected
+
+
+def test_a_flag_or_the_openmp_variables_mean_the_user_chose():
+    assert threads.chose_threads(["fit", "--threads", "2"], env={})
+    assert threads.chose_threads(["fit", "--threads=2"], env={})
+    assert threads.chose_threads(["fit"], env={"OMP_NUM_THREADS": "1"})
+    assert threads.chose_threads(["fit"], env={"MKL_NUM_THREADS": "3"})
+    assert not threads.chose_threads(["fit", "--config", "x.yaml"], env={"OMP_NUM_THREADS": ""})
+
+
+def test_default_lowers_torch_threads_only_under_load(monkeypatch):
+    saved = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.7, 0.0, 0.0))
+        note = threads.default_threads(["evaluate"])
+        assert torch.get_num_threads() == 1 and note.startswith("threads: 1 of 4 (load average 2.7")
+        torch.set_num_threads(4)
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+        assert threads.default_threads(["evaluate"]) is None and torch.get_num_threads() == 4
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.5, 0.0, 0.0))
+        assert threads.default_threads(["evaluate", "--threads", "4"]) is None and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(saved)
