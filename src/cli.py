@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from src.config_files import EXPERIMENT_PATHS, check_config_args, resolve_config_paths
 from src.config_parsing import config_error_line, instantiate, root_cause, user_facing_error
+from src.cpu_allocator import keep_large_allocations
 from src.errors import UserError
 from src.threads import default_threads
 from src.training.experiment import is_experiment_config, yaml_keys
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     # Config dataclasses document each field in a string literal below it: show those in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
+    if argv is None:  # a process of its own (not a caller's main([...])): keep large CPU blocks for reuse
+        keep_large_allocations()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     try:

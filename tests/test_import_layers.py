@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
         "src.hub",
         "src.progress",
         "src.threads",
+        "src.cpu_allocator",
     ),
 ]
 """Top to bottom; an entry names a module or a package (then every module inside it); the first layer that names

@@ -1,11 +1,13 @@
-"""Thread defaults: a command without --threads takes the cores the load average leaves free."""
+"""CPU defaults of a command: the threads the load average leaves free, large allocations kept for reuse."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
 
-from src import threads
+from src import cpu_allocator, threads
 
 
 @pytest.mark.parametrize(
@@ -40,3 +42,9 @@ def test_default_lowers_torch_threads_only_under_load(monkeypatch):
         assert threads.default_threads(["evaluate", "--threads", "4"]) is None and torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(saved)
+
+
+def test_large_cpu_blocks_are_kept_unless_the_user_set_malloc():
+    assert cpu_allocator.keep_large_allocations(env={"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
+    changed = cpu_allocator.keep_large_allocations(env={})
+    assert changed is sys.platform.startswith("linux")  # glibc here; elsewhere a no-op
