@@ -21,7 +21,7 @@ from src.cpu_allocator import keep_large_allocations
 from src.errors import UserError
 from src.threads import default_threads
 from src.training.experiment import is_experiment_config, yaml_keys
-from src.training.mlflow_logging import MLflowLogger, MLflowSaveConfigCallback
+from src.training.mlflow_logging import MLflowLogger, MLflowSaveConfigCallback, ui_run_link
 from src.training.runner import run_experiment
 from src.training.terminal import quiet_lightning
 
@@ -83,6 +83,7 @@ def _lightning_cli(args: list[str] | None) -> None:
                 if isinstance(logger, MLflowLogger):
                     print(f"MLflow run: {logger.run_url}")
                     print(f"  view it: mlflow ui --backend-store-uri {logger._tracking_uri}")
+                    print(f"  then open {ui_run_link(logger.experiment_id, logger.run_id)}")
 
     Dense2MoECLI(
         model_class=None,

@@ -181,6 +181,16 @@ class MLflowLogger(MLFlowLogger):
         return f"{self._tracking_uri}  experiment={self.name!r} run_id={self.run_id}"
 
 
+UI_PORT = 5000
+"""Port of ``mlflow ui``'s default address, for the run links the commands print."""
+
+
+def ui_run_link(experiment_id: str, run_id: str) -> str:
+    """The run's page under ``mlflow ui`` on its default address, in the model-training view (MLflow 3's UI opens
+    its GenAI view otherwise: a browser setting the ``workflowType`` parameter overrides; docs/mlflow/)."""
+    return f"http://127.0.0.1:{UI_PORT}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 class MLflowSaveConfigCallback(SaveConfigCallback):
     """Logs the fully resolved config as ``config.yaml`` to the run (and to the log dir when there is one)."""
 

@@ -60,6 +60,7 @@ from src.training.mlflow_logging import (
     log_new_params,
     mark_interrupted_runs,
     resolve_tracking_uri,
+    ui_run_link,
 )
 from src.training.precision import STUDENT_LOAD_DTYPE
 from src.training.report import evaluate_experiment, evaluate_latents
@@ -452,6 +453,9 @@ def _run_stages(exp: Experiment, only_stage: str | None, teacher, conditioning, 
     _finish_parent(uri, parent, "FINISHED", time.perf_counter() - started)
     print(f"MLflow: experiment {exp.experiment_name!r}, parent run {parent} with one nested run per stage ({uri})")
     print(f"  view it: mlflow ui --backend-store-uri {uri}")
+    print(
+        f"  then open {ui_run_link(mlflow.MlflowClient(tracking_uri=uri).get_run(parent).info.experiment_id, parent)}"
+    )
     return result
 
 
