@@ -78,3 +78,30 @@ def _scores(model):
     from src.models.flux_moe import dense_ffns
 
     return {name: torch.arange(ffn.up.out_features, 0, -1.0) for name, ffn in dense_ffns(model).items()}
+
+
+@pytest.mark.parametrize("recipe", ["moe", "dense", "width"])
+def test_a_glyph_teachers_student_keeps_its_world_through_save_and_load(tmp_path, recipe):
+    from src.data.worlds import model_world
+    from src.models.loading import load_transformer
+    from src.training.experiment import PruneSpec
+
+    teacher = dense_model()
+    teacher.register_to_config(world="glyphs")
+    recipes = {
+        "moe": StudentRecipe(conversion=ConversionConfig(layout="1S4E2A", split="random", assignment="random")),
+        "dense": StudentRecipe(),
+        "width": StudentRecipe(prune=PruneSpec(kind="width", ffn_fraction=0.5)),
+    }
+    scores = {name: torch.arange(float(ffn.up.out_features)) for name, ffn in _ffns(teacher).items()}
+    student = build_student(teacher, recipes[recipe], scores=scores)
+    assert model_world(student) == "glyphs"
+    student.save_pretrained(tmp_path / "student")
+    assert model_world(load_transformer(tmp_path / "student")) == "glyphs"
+    assert model_world(dense_model()) == "shapes"  # no key: the default world
+
+
+def _ffns(model):
+    from src.models.flux_moe import dense_ffns
+
+    return dense_ffns(model)

@@ -33,7 +33,7 @@ def make_world(name: str, size: int = 32, heldout_fraction: float = 0.2, snap: i
 
 
 def model_world(model) -> str:
-    """The world a transformer was trained on (config key ``world``; shapes when absent)."""
+    """The world a transformer was trained on (config key ``world``; shapes when absent or None)."""
     config = getattr(model, "config", None)
-    name = config.get("world", DEFAULT_WORLD) if config is not None else DEFAULT_WORLD
+    name = (config.get("world") if config is not None else None) or DEFAULT_WORLD
     return check_world(name, "model config world")

@@ -131,6 +131,7 @@ class FluxMoETransformer2DModel(FluxTransformer2DModel):
         kept_single: list[int] | None = None,
         prediction_type: str = "velocity",
         sampling_shift: float | None = None,
+        world: str | None = None,
     ):
         super().__init__(
             patch_size=patch_size,
