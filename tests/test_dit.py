@@ -13,7 +13,8 @@ from src.cli import main
 from src.models.dit import DiT, DiTConfig, FeedForward, apply_rope_2d, param_counts, rope_2d_tables
 from src.models.dit_presets import MIB, PUBLISHED_ACTIVATED_MIB, dit_config, preset_params
 from src.models.dit_sampling import SamplerConfig, guided_velocity, sample, to_velocity
-from src.models.moe import MoEConfig, MoEFeedForward, set_top_k
+from src.models.moe import MoEConfig, MoEFeedForward
+from src.models.moe import set_layers_top_k as set_top_k
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

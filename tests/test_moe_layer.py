@@ -13,8 +13,10 @@ from src.models.moe import (
     layout_widths,
     moe_layers,
     parse_layout,
-    set_top_k,
     total_aux_loss,
+)
+from src.models.moe import (
+    set_layers_top_k as set_top_k,
 )
 
 D = 16

@@ -35,8 +35,7 @@ from diffusers.utils.torch_utils import maybe_allow_in_graph
 from torch import nn
 
 from src.models.mob import MoBConfig, build_mob_groups
-from src.models.moe import MoEConfig, MoEFeedForward, layout_widths, moe_layers
-from src.models.moe import set_top_k as set_layers_top_k
+from src.models.moe import MoEConfig, MoEFeedForward, layout_widths, moe_layers, set_layers_top_k
 
 LOCATIONS = ("ff", "ff_context", "single")
 """FFN locations that can be converted or width-pruned."""

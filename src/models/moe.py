@@ -719,7 +719,8 @@ def load_tracking(module: nn.Module, on: bool) -> Iterator[None]:
             layer.track_load = value
 
 
-def set_top_k(module: nn.Module, top_k: int) -> None:
-    """Set the routed top-k of every MoE layer (paper: top-k can change at inference without retraining)."""
+def set_layers_top_k(module: nn.Module, top_k: int) -> None:
+    """Set the routed top-k of every MoE layer for the next forwards (a stage or a sampler switching it at run time);
+    ``src.models.flux_moe.set_top_k`` also validates it and records it in the model config that is saved."""
     for layer in moe_layers(module):
         layer.top_k = top_k

@@ -34,7 +34,13 @@ from src.data.worlds import model_world
 from src.errors import UserError
 from src.models.flow import TIMESTEP_SAMPLINGS, sample_sigmas
 from src.models.mob import mob_groups
-from src.models.moe import clear_aux_losses, moe_layers, set_top_k, sync_balance_losses, update_expert_biases
+from src.models.moe import (
+    clear_aux_losses,
+    moe_layers,
+    set_layers_top_k,
+    sync_balance_losses,
+    update_expert_biases,
+)
 from src.training.accumulation import check_accumulation
 from src.training.base import FlowModule
 from src.training.conditioning import LatentConditioning, ShapesConditioning, velocity
@@ -246,7 +252,7 @@ class DistillStage(FlowModule):
         self.strict_loading = False  # the frozen teacher is not stored in stage checkpoints
         self.top_k = max((layer.cfg.top_k for layer in moe_layers(student)), default=0)
         if spec.kind == "shared_kd":
-            set_top_k(student, 0)
+            set_layers_top_k(student, 0)
         self._params = trainable_parameters(student, spec)
         apply_precision(student, self._params, spec.precision, fsdp=fsdp_spec(spec.strategy))
         teacher_taps, student_taps, self.pairs = feature_pairs(teacher, student, spec.kind)

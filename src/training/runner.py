@@ -30,7 +30,7 @@ from src.hub import is_hub_id
 from src.models.convert import ConversionConfig
 from src.models.loading import load_transformer
 from src.models.mob import group_spans, mob_groups
-from src.models.moe import set_top_k
+from src.models.moe import set_layers_top_k
 from src.models.pipeline import SamplingConfig, ShapesPipeline
 from src.models.prune import block_importance_mse
 from src.models.student import StudentRecipe, build_student, with_mob
@@ -338,7 +338,7 @@ def run_stage(
     if is_fsdp(trainer.strategy):  # the trained weights are sharded over the ranks: gather them
         student = full_student(trainer, student)
     if spec.kind == "shared_kd":
-        set_top_k(student, module.top_k)
+        set_layers_top_k(student, module.top_k)
     return student
 
 
