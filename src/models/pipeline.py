@@ -78,6 +78,37 @@ class SamplingConfig:
         )
 
 
+def flux_velocity(
+    model: nn.Module,
+    x_BLD: torch.Tensor,
+    sigma_B: torch.Tensor,
+    tokens_BTC: torch.Tensor,
+    pooled_BP: torch.Tensor,
+    img_ids_L3: torch.Tensor,
+    txt_ids_T3: torch.Tensor,
+    guidance: float,
+) -> torch.Tensor:
+    """The project's one FLUX transformer call: the velocity at noise level σ, for sampling and training alike.
+
+    Inputs are cast to the model's dtype (a bf16 teacher takes bf16; a no-op when they agree); a guidance-distilled
+    model (config ``guidance_embeds``) also gets ``guidance``; an x-predicting model's output (config
+    ``prediction_type: sample``) is converted to the velocity.
+    """
+    dtype = model.dtype
+    guidance_B = torch.full_like(sigma_B, guidance) if getattr(model.config, "guidance_embeds", False) else None
+    out = model(
+        hidden_states=x_BLD.to(dtype),
+        encoder_hidden_states=tokens_BTC.to(dtype),
+        pooled_projections=pooled_BP.to(dtype),
+        timestep=sigma_B,
+        img_ids=img_ids_L3,
+        txt_ids=txt_ids_T3,
+        guidance=guidance_B,
+        return_dict=False,
+    )[0]
+    return to_velocity(out, x_BLD, sigma_B, prediction_type(model))
+
+
 class ShapesPipeline:
     """Prompt → image for a transformer whose ``in_channels`` = 3·patch² (pixels packed patch × patch)."""
 
@@ -127,22 +158,12 @@ class ShapesPipeline:
         transformer: nn.Module | None = None,
     ) -> torch.Tensor:
         """One FLUX forward: the velocity at noise level σ (an x-predicting model's output is converted)."""
-        model = transformer or self.transformer
         n = self.tokens_per_side
-        guidance = None
-        if getattr(model.config, "guidance_embeds", False):
-            guidance = torch.full_like(sigma_B, self.sampling.guidance)
-        out = model(
-            hidden_states=x_BLD,
-            encoder_hidden_states=tokens_BTC,
-            pooled_projections=pooled_BP,
-            timestep=sigma_B,
-            img_ids=image_ids(n, n, x_BLD.device),
-            txt_ids=text_ids(tokens_BTC.shape[1], x_BLD.device),
-            guidance=guidance,
-            return_dict=False,
-        )[0]
-        return to_velocity(out, x_BLD, sigma_B, prediction_type(model))
+        img_ids_L3, txt_ids_T3 = image_ids(n, n, x_BLD.device), text_ids(tokens_BTC.shape[1], x_BLD.device)
+        model = transformer or self.transformer
+        return flux_velocity(
+            model, x_BLD, sigma_B, tokens_BTC, pooled_BP, img_ids_L3, txt_ids_T3, self.sampling.guidance
+        )
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seeds: list[int], transformer: nn.Module | None = None) -> np.ndarray:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from src.models.flow import image_ids, pack, prediction_type, text_ids, to_velocity
-from src.models.pipeline import ShapesPipeline
+from src.models.flow import image_ids, pack, text_ids
+from src.models.pipeline import ShapesPipeline, flux_velocity
 
 
 @dataclass
@@ -40,25 +40,10 @@ class FlowInputs:
 def velocity(
     model: nn.Module, x_BLD: torch.Tensor, sigma_B: torch.Tensor, inputs: FlowInputs, guidance: float
 ) -> torch.Tensor:
-    """One FLUX forward: the velocity at noise level σ; a guidance-distilled model also gets ``guidance``.
-
-    An x-predicting model (config ``prediction_type: sample``) has its output converted to the velocity.
-    """
-    dtype = model.dtype  # a bf16 teacher takes bf16 inputs; .to() is a no-op when the dtypes already agree
-    guidance_B = None
-    if getattr(model.config, "guidance_embeds", False):
-        guidance_B = torch.full_like(sigma_B, guidance)
-    out = model(
-        hidden_states=x_BLD.to(dtype),
-        encoder_hidden_states=inputs.tokens_BTE.to(dtype),
-        pooled_projections=inputs.pooled_BP.to(dtype),
-        timestep=sigma_B,
-        img_ids=inputs.img_ids_L3,
-        txt_ids=inputs.txt_ids_T3,
-        guidance=guidance_B,
-        return_dict=False,
-    )[0]
-    return to_velocity(out, x_BLD, sigma_B, prediction_type(model))
+    """One FLUX forward on a batch's inputs (``src.models.pipeline.flux_velocity``, the one transformer call)."""
+    return flux_velocity(
+        model, x_BLD, sigma_B, inputs.tokens_BTE, inputs.pooled_BP, inputs.img_ids_L3, inputs.txt_ids_T3, guidance
+    )
 
 
 class ShapesConditioning:
