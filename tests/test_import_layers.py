@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
         "src.progress",
         "src.threads",
         "src.cpu_allocator",
+        "src.content_hash",
     ),
 ]
 """Top to bottom; an entry names a module or a package (then every module inside it); the first layer that names

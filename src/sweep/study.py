@@ -8,13 +8,12 @@ storage may change.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from src.content_hash import content_hash
 from src.errors import UserError
 from src.sweep import configs
 from src.sweep.pruning import make_pruner
@@ -57,7 +56,7 @@ def fingerprint(spec: SweepSpec) -> str:
         "objectives": [dataclasses.asdict(o) for o in spec.objectives],
         "sampler": [spec.sampler.name, spec.sampler.options],
     }
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return content_hash(content)
 
 
 def counts(t: FrozenTrial) -> bool:

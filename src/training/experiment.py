@@ -14,8 +14,6 @@ Layout of ``output_dir``: ``experiment.json`` (parent run id, fingerprint), ``ta
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import docstring_parser
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from src.content_hash import content_hash
 from src.dtypes import DTYPES
 from src.errors import UserError
 from src.models.compute_schedule import as_lists, check_schedule
@@ -203,10 +202,6 @@ def recipe(spec: Any) -> dict[str, Any]:
     }
 
 
-def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def validate_order(stages: list[StageSpec], student: StudentSpec) -> None:
     """Stages in an impossible order are refused before anything runs."""
     if not stages:
@@ -287,7 +282,7 @@ class Experiment:
 
     def stage_fingerprint(self, index: int) -> str:
         """What a stage's result depends on: teacher, student recipe, Taylor calibration, stages up to it."""
-        return fingerprint(
+        return content_hash(
             {
                 "teacher": recipe(self.teacher),
                 "student": self._student_recipe(),
