@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         keep_large_allocations()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
+    quiet_lightning()  # before any command can create an MLflow store (its creation narrates itself at INFO)
     try:
         check_config_args(argv[1:])
         if command is not None and command not in HELP_FLAGS and not set(HELP_FLAGS) & set(argv):
