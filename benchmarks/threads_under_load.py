@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 
 import torch
 
@@ -21,7 +20,7 @@ from benchmarks.sampling import COMMITTED, students
 from benchmarks.timing import time_interleaved
 from src.models.loading import load_transformer
 from src.models.pipeline import SamplingConfig, ShapesPipeline
-from src.threads import free_cores
+from src.threads import busy_cores, free_cores
 
 PROMPTS = ["a photo of a red circle and a blue square", "a photo of three green triangles"] * 4
 
@@ -48,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         sampling = SamplingConfig(steps=args.steps, cfg_scale=2.0)
         pipes = {name: ShapesPipeline(model, image_size=32, sampling=sampling) for name, model in models.items()}
         seeds = list(range(len(PROMPTS)))
-        load = os.getloadavg()[0]
+        load = busy_cores()
         free = free_cores(cores, load)
         print(
-            f"{cores} cores (torch default threads), {args.burners} burner(s), load average {load:.1f} → free "
+            f"{cores} cores (torch default threads), {args.burners} burner(s), {load:.1f} cores busy → free "
             f"cores {free}; batch {len(PROMPTS)}, {args.steps} steps, CFG 2, median of {args.repeats}\n"
         )
         print("| threads | dense s/batch | MoE-L s/batch | MoE-L / dense |\n|---:|---:|---:|---:|")
