@@ -418,7 +418,7 @@ def _model_world(model: str) -> str:
     if not config.is_file():
         return DEFAULT_WORLD
     try:
-        return check_world(json.loads(config.read_text()).get("world", DEFAULT_WORLD), f"{config}: world")
+        return check_world(json.loads(config.read_text()).get("world") or DEFAULT_WORLD, f"{config}: world")
     except (ValueError, AttributeError) as err:
         raise UserError(f"{config}: {err}") from None
 
