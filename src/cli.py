@@ -75,8 +75,6 @@ def _fit_help() -> None:
 
 
 def _lightning_cli(args: list[str] | None) -> None:
-    quiet_lightning()
-
     class Dense2MoECLI(LightningCLI):
         def after_fit(self) -> None:
             for logger in self.trainer.loggers:
@@ -146,14 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     # Config dataclasses document each field in a string literal below it: show those in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
-    if argv is None:  # a process of its own (not a caller's main([...])): keep large CPU blocks for reuse
-        keep_large_allocations()
+    own_process = argv is None  # not a caller's main([...]): process-wide CPU settings are ours to make
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     quiet_lightning()  # before any command can create an MLflow store (its creation narrates itself at INFO)
     try:
         check_config_args(argv[1:])
-        if command is not None and command not in HELP_FLAGS and not set(HELP_FLAGS) & set(argv):
+        if own_process and command is not None and command not in HELP_FLAGS and not set(HELP_FLAGS) & set(argv):
+            keep_large_allocations()
             note = default_threads(argv)
             if note and sys.stderr.isatty():  # a terminal's user sees why; logs and captured output stay as they were
                 print(note, file=sys.stderr)

@@ -8,10 +8,14 @@ import pytest
 import torch
 from conftest import ROOT, dense_model
 
+from src.data.worlds import model_world
 from src.models.convert import ConversionConfig
+from src.models.flux_moe import dense_ffns
+from src.models.loading import load_transformer
 from src.models.mob import MoBConfig, mob_groups
 from src.models.moe import moe_layers
 from src.models.student import StudentRecipe, build_student, dense_ffn_width, with_mob
+from src.training.experiment import PruneSpec
 
 # A mid-size FLUX (hidden 768 = 6 heads of 128, FFN 3072, 2 double + 4 single blocks, guidance embeds): ≈ 82 M
 # parameters, large enough that a second copy of the student would show in the peak RSS.
@@ -82,10 +86,6 @@ def _scores(model):
 
 @pytest.mark.parametrize("recipe", ["moe", "dense", "width"])
 def test_a_glyph_teachers_student_keeps_its_world_through_save_and_load(tmp_path, recipe):
-    from src.data.worlds import model_world
-    from src.models.loading import load_transformer
-    from src.training.experiment import PruneSpec
-
     teacher = dense_model()
     teacher.register_to_config(world="glyphs")
     recipes = {
@@ -93,15 +93,9 @@ def test_a_glyph_teachers_student_keeps_its_world_through_save_and_load(tmp_path
         "dense": StudentRecipe(),
         "width": StudentRecipe(prune=PruneSpec(kind="width", ffn_fraction=0.5)),
     }
-    scores = {name: torch.arange(float(ffn.up.out_features)) for name, ffn in _ffns(teacher).items()}
+    scores = {name: torch.arange(float(ffn.up.out_features)) for name, ffn in dense_ffns(teacher).items()}
     student = build_student(teacher, recipes[recipe], scores=scores)
     assert model_world(student) == "glyphs"
     student.save_pretrained(tmp_path / "student")
     assert model_world(load_transformer(tmp_path / "student")) == "glyphs"
     assert model_world(dense_model()) == "shapes"  # no key: the default world
-
-
-def _ffns(model):
-    from src.models.flux_moe import dense_ffns
-
-    return dense_ffns(model)
