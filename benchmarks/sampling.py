@@ -41,7 +41,7 @@ from torch import nn
 from benchmarks.timing import time_interleaved
 from src.models.accounting import flops_per_image
 from src.models.convert import ConversionConfig, convert_flux_to_moe
-from src.models.flow import euler_sample, fixed_noise, image_ids, text_ids
+from src.models.flow import fixed_noise, image_ids, ode_sample, text_ids
 from src.models.loading import load_transformer
 from src.models.mob import MoBConfig, MoBGroup
 from src.models.moe import MoEFeedForward
@@ -157,7 +157,7 @@ class LatentSampler:
             )[0]
 
         with torch.inference_mode():
-            return euler_sample(velocity, noise, self.sampling.steps, self.sampling.cfg_scale, 3.0)
+            return ode_sample(velocity, noise, self.sampling.steps, self.sampling.cfg_scale, 3.0)
 
 
 def _pipeline(model: nn.Module, cfg: ModelConfig, steps: int) -> tuple[object, int, int]:

@@ -7,6 +7,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from src.models.accounting import count_params, flops_per_image, image_tokens_for
+from src.models.dit import DiT, param_counts
+from src.models.dit_presets import dit_config
 from src.models.mob import MoBConfig
 from src.models.moe import MoEConfig, MoEFeedForward
 from src.models.presets import FLUX_DEV_CONFIG, TINY_CONFIG, flux_config
@@ -180,3 +182,21 @@ def test_resolution_arguments():
     assert flux_config("tiny") == TINY_CONFIG and flux_config("tiny") is not TINY_CONFIG
     with pytest.raises(ValueError, match="preset"):
         flux_config("flux-pro")
+
+
+@pytest.mark.parametrize("preset", ["dit-s-mini", "dsmoe-s-e48-mini", "jitmoe-mini"])
+def test_dit_params_split_into_components_and_match_param_counts(preset):
+    with torch.device("meta"):
+        model = DiT(dit_config(preset))
+    counts, reference = count_params(model), param_counts(model)
+    assert (counts["total"], counts["activated"]) == (reference["total"], reference["activated"])
+    by = counts["by_component"]
+    d, blocks = model.cfg.hidden, model.cfg.depth
+    assert by["adaln_modulation"]["total"] == blocks * (d * 6 * d + 6 * d) + d * 2 * d + 2 * d
+    assert by["attention"]["total"] == blocks * sum(p.numel() for p in model.blocks[0].attn.parameters())
+    assert by["ffn"]["total"] == sum(p.numel() for b in model.blocks for p in b.ffn.parameters())
+    assert by["mob_routers"]["total"] == 0
+    with pytest.raises(ValueError, match="image_size"):
+        flops_per_image(model, height=32, width=32)
+    with pytest.raises(ValueError, match="always has 64"):
+        flops_per_image(model, image_tokens=16)

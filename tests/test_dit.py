@@ -10,9 +10,19 @@ import torch
 from conftest import ROOT
 
 from src.cli import main
-from src.models.dit import DiT, DiTConfig, FeedForward, apply_rope_2d, param_counts, rope_2d_tables
+from src.models.dit import (
+    DiT,
+    DiTConfig,
+    FeedForward,
+    SamplerConfig,
+    apply_rope_2d,
+    class_velocity,
+    param_counts,
+    rope_2d_tables,
+    sample,
+)
 from src.models.dit_presets import MIB, PUBLISHED_ACTIVATED_MIB, dit_config, preset_params
-from src.models.dit_sampling import SamplerConfig, guided_velocity, sample, to_velocity
+from src.models.flow import guided_velocity, to_velocity
 from src.models.moe import MoEConfig, MoEFeedForward
 from src.models.moe import set_layers_top_k as set_top_k
 
@@ -102,10 +112,10 @@ def test_positions_select_rope_or_absolute_embedding():
 def test_x_prediction_velocity_and_target():
     x, noise, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([0.3, 0.7])
     z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * noise
-    assert torch.allclose(to_velocity(x, z, t, "x"), x - noise, atol=1e-5)  # a perfect x̂ gives v = x − ε
-    clamped = to_velocity(x, z, torch.tensor([0.99, 0.99]), "x", t_eps=0.05)
+    assert torch.allclose(-to_velocity(x, z, 1 - t, "sample"), x - noise, atol=1e-5)  # a perfect x̂ gives v = x − ε
+    clamped = -to_velocity(x, z, 1 - torch.tensor([0.99, 0.99]), "sample", min_sigma=0.05)
     assert torch.allclose(clamped, (x - z) / 0.05)
-    assert to_velocity(x, z, t, "v") is x
+    assert to_velocity(x, z, 1 - t, "velocity") is x
 
 
 def test_sampler_reaches_the_data_point_of_a_perfect_x_predictor():
@@ -146,7 +156,8 @@ def test_cfg_applies_only_inside_its_interval():
     # t = 0, 0.25 unguided (velocity 1); t = 0.5, 0.75 guided (0 + 3·(1 − 0) = 3); steps of 0.25
     assert torch.allclose(out, torch.full_like(out, 0.25 * (1 + 1 + 3 + 3)))
     assert calls == [2, 2, 4, 4]  # the null branch runs only where guidance applies
-    v = guided_velocity(model, torch.zeros(2, 1, 1, 1), 0.6, torch.tensor([0, 1]), 7, "v", SamplerConfig(cfg_scale=1))
+    velocity = class_velocity(model, torch.tensor([0, 1]), 7, "v")
+    v = -guided_velocity(velocity, torch.zeros(2, 1, 1, 1), 1 - 0.6, cfg_scale=1.0)
     assert torch.equal(v, torch.ones_like(v))  # scale 1: no guidance anywhere
 
 

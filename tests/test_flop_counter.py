@@ -1,5 +1,6 @@
 """``flops_per_image`` (counted from module names and shapes) against torch's ``FlopCounterMode`` (counted from the
-matmuls a forward actually runs) on tiny FLUX teachers and an MoE student.
+matmuls a forward actually runs) on tiny FLUX teachers, an MoE student and small class-conditional DiT presets
+(dense, DSMoE, JiTMoE with in-context class tokens).
 
 Like with like: FlopCounterMode counts mm/addmm/bmm and the fused attention kernels it knows, never the bias add,
 norms, activations, softmax or RoPE, which ``flops_per_image`` ignores too (its docstring); a batch of one image
@@ -20,6 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from src.models.accounting import flops_per_image
 from src.models.convert import ConversionConfig, convert_flux_to_moe
+from src.models.dit import DiT
+from src.models.dit_presets import dit_config
 from src.models.flow import image_ids, text_ids
 from src.models.moe import moe_layers
 from src.models.presets import TEACHER_TINY_CONFIG, TINY_CONFIG
@@ -106,3 +109,30 @@ def test_moe_student_grouped_mm_is_missed_by_flop_counter_mode(student):
     routed = sum(2 * n * m.top_k * (m.w_up[0].numel() + m.w_down[0].numel()) for m, n in tokens)
     assert routed > 0 and "aten._grouped_mm" not in _by_op(counter)
     assert counter.get_total_flops() + routed == _ours(student)["total"]
+
+
+DIT_PRESETS = {  # small versions of the embedded world's presets: 32×32 RGB, 64 patches, hidden 96
+    "dit-s-mini": {"depth": 2},
+    "dsmoe-s-e48-mini": {"depth": 2},
+    "jitmoe-mini": {"depth": 3, "in_context_start": 1},  # 4 class tokens join from block 1 on
+}
+
+
+@pytest.mark.parametrize("preset", list(DIT_PRESETS))
+def test_dit_matches_flop_counter_mode_exactly(preset):
+    torch.manual_seed(0)
+    model = DiT(dit_config(preset, **DIT_PRESETS[preset])).eval()
+    layers = moe_layers(model)
+    for layer in layers:
+        layer.use_grouped_mm = False  # one mm per expert, which FlopCounterMode counts
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(z, torch.tensor([0.5]), torch.tensor([3]))
+    ours = flops_per_image(model)
+    assert (len(layers) > 0) == (cfg.moe is not None)
+    assert counter.get_total_flops() == ours["total"]
+    assert _by_op(counter)["aten.bmm"] == ours["by_component"]["attention_scores"]
+    assert ours["image_tokens"] == cfg.grid**2 and ours["text_tokens"] == 0

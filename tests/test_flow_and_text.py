@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from src.models.flow import (
-    euler_sample,
     fixed_noise,
     image_ids,
+    ode_sample,
     pack,
     sample_sigmas,
     sampling_schedule,
@@ -33,7 +33,7 @@ def test_euler_sampler_integrates_a_straight_flow_exactly():
     # Rectified flow with a known x0: v = ε − x0 is constant along the path, so Euler is exact.
     x0 = torch.randn(3, 5, 4)
     noise = torch.randn(3, 5, 4)
-    out = euler_sample(lambda x, s, c: noise - x0, noise, steps=7, cfg_scale=1.0, shift=3.0)
+    out = ode_sample(lambda x, s, c: noise - x0, noise, steps=7, cfg_scale=1.0, shift=3.0)
     assert torch.allclose(out, x0, atol=1e-5)
 
 
@@ -44,7 +44,7 @@ def test_cfg_combines_branches():
         calls.append(conditional)
         return torch.ones_like(x) * (2.0 if conditional else 1.0)
 
-    out = euler_sample(velocity, torch.zeros(1, 2, 2), steps=1, cfg_scale=3.0)
+    out = ode_sample(velocity, torch.zeros(1, 2, 2), steps=1, cfg_scale=3.0)
     # v = 1 + 3·(2 − 1) = 4, one step from σ=1 to 0 → x = −4
     assert torch.allclose(out, torch.full((1, 2, 2), -4.0)) and calls == [True, False]
 

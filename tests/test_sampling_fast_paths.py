@@ -9,7 +9,7 @@ from diffusers import FluxTransformer2DModel
 from test_mob import make_blocks, make_group, make_inputs
 
 from src.models.convert import ConversionConfig, convert_flux_to_moe
-from src.models.flow import euler_sample
+from src.models.flow import ode_sample
 from src.models.mob import MoBConfig, mob_groups
 from src.models.moe import (
     MoEConfig,
@@ -48,10 +48,10 @@ def test_euler_batched_guidance_is_the_same_integration():
         return 2.0 * x + sigma[:1] if conditional else x - 1.0
 
     noise = torch.randn(3, 4, 5)
-    separate = euler_sample(velocity, noise, steps=5, cfg_scale=3.0, shift=2.0)
+    separate = ode_sample(velocity, noise, steps=5, cfg_scale=3.0, shift=2.0)
     assert [c for c, _ in calls] == [True, False] * 5
     calls.clear()
-    batched = euler_sample(velocity, noise, steps=5, cfg_scale=3.0, shift=2.0, batch_cfg=True)
+    batched = ode_sample(velocity, noise, steps=5, cfg_scale=3.0, shift=2.0, batch_cfg=True)
     assert calls == [(None, 6)] * 5
     torch.testing.assert_close(batched, separate, rtol=0, atol=0)
 

@@ -1,4 +1,5 @@
-"""Parameter and FLOP accounting for dense, MoE and MoB FLUX transformers; runs on the meta device.
+"""Parameter and FLOP accounting for dense, MoE and MoB FLUX transformers and the class-conditional DiT (dense or
+MoE, src/models/dit.py); runs on the meta device.
 
 "Activated" means used by one sample at one denoising step: a MoE layer counts its shared expert(s), router and
 top-k of its E routed experts; a MoB group counts κ of its m blocks. A block's size within a group is taken as the
@@ -8,7 +9,10 @@ Components: attention (q/k/v/out projections and q/k norms), ffn (dense FFNs, Mo
 adaln_modulation (the per-block AdaLN linears plus ``norm_out``), embedders (``x_embedder``, ``context_embedder``,
 ``time_text_embed``, the final ``proj_out``), mob_routers, other. The single-stream block's fused ``proj_out``
 is split: its first ``dim`` input columns and its bias are the attention output projection, the rest the MLP
-down-projection (docs/design.md §4.2).
+down-projection (docs/design.md §4.2). The DiT's parts map onto the same components: ``attn`` (qkv, proj, q/k
+norms) attention; ``ffn`` (dense or MoE) ffn; the blocks' ``adaLN_modulation`` and ``final_modulation``
+adaln_modulation; ``x_embedder``, ``t_embedder``, ``y_embedder`` (class table), ``in_context_pos`` and
+``final_linear`` embedders; its pre-modulation norms (weights only with RMSNorm) other.
 
 Dense2MoE's activated counts for MoE models (MoE-L 5.15B) only fit when the per-block AdaLN modulation is not
 counted (docs/design.md §2.9): ``activated_without_modulation`` reports that figure next to ``activated``.
@@ -20,6 +24,7 @@ step to step; ``trajectory_cost`` averages them over the sampler's steps.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -27,6 +32,8 @@ from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import nn
 
 from src.models.compute_schedule import Schedule, scheduled
+from src.models.dit import Attention as DiTAttention
+from src.models.dit import DiT
 from src.models.flow import sampling_schedule
 from src.models.mob import MoBGroup, mob_groups
 from src.models.moe import MoEFeedForward
@@ -54,6 +61,15 @@ _TOP_PARTS = {
     "norm_out": "adaln_modulation",
 }
 _ROUTED_EXPERT_PARAMS = ("w_up", "b_up", "w_down")
+_DIT_BLOCK_PARTS = {"attn": "attention", "ffn": "ffn", "adaLN_modulation": "adaln_modulation"}
+_DIT_TOP_PARTS = {
+    "x_embedder": "embedders",
+    "t_embedder": "embedders",
+    "y_embedder": "embedders",
+    "in_context_pos": "embedders",
+    "final_linear": "embedders",
+    "final_modulation": "adaln_modulation",
+}
 
 
 def _is_routed_moe(module: nn.Module) -> bool:
@@ -68,6 +84,18 @@ def _component(parts: list[str]) -> str:
             return "fused_proj_out"
         return _BLOCK_PARTS.get(parts[2], "other")
     return _TOP_PARTS.get(parts[0], "other")
+
+
+def _dit_component(parts: list[str]) -> str:
+    """Component of a DiT parameter or module by its qualified name (blocks.<i>.<part>… or a top-level part)."""
+    if parts[0] == "blocks" and len(parts) > 2:
+        return _DIT_BLOCK_PARTS.get(parts[2], "other")
+    return _DIT_TOP_PARTS.get(parts[0], "other")
+
+
+def _component_of(model: nn.Module) -> Callable[[list[str]], str]:
+    """The name → component map of the model's architecture (DiT or FLUX)."""
+    return _dit_component if isinstance(model, DiT) else _component
 
 
 def _block_key(parts: list[str]) -> tuple[str, int] | None:
@@ -108,12 +136,13 @@ def count_params(model: nn.Module) -> dict[str, Any]:
     block_fractions = _block_fractions(model)
     expert_fractions = _expert_fractions(model)
     mob_prefixes = _mob_prefixes(model)
+    component_of = _component_of(model)
     total: dict[str, int] = defaultdict(int)
     activated: dict[str, Fraction] = defaultdict(Fraction)
     for name, param in model.named_parameters():
         parts = name.split(".")
         fraction = expert_fractions.get(name, Fraction(1)) * block_fractions.get(_block_key(parts), Fraction(1))
-        component = "mob_routers" if name.startswith(mob_prefixes) else _component(parts)
+        component = "mob_routers" if name.startswith(mob_prefixes) else component_of(parts)
         if component == "fused_proj_out":
             out_features = param.shape[0]
             attention = param.numel() if param.ndim == 1 else out_features * out_features
@@ -138,6 +167,24 @@ def image_tokens_for(height: int, width: int, latent_downsample: int = 16) -> in
     if height % latent_downsample or width % latent_downsample:
         raise ValueError(f"height={height}, width={width}: must be multiples of latent_downsample={latent_downsample}")
     return (height // latent_downsample) * (width // latent_downsample)
+
+
+def _dit_tokens(model: DiT, block: int) -> int:
+    """Tokens block ``block`` of a DiT sees per image: the L patches, plus the in-context class tokens from
+    ``in_context_start`` on (JiT)."""
+    cfg = model.cfg
+    in_context = model.in_context_pos is not None and block >= cfg.in_context_start
+    return cfg.grid**2 + (cfg.in_context_tokens if in_context else 0)
+
+
+def _dit_rows(model: DiT, parts: list[str]) -> int:
+    """Rows a DiT linear layer at this name multiplies per image: its block's tokens, the L patches (patch embedding
+    and output layer), or 1 (AdaLN modulations and the timestep MLP, per sample)."""
+    if parts[0] == "blocks" and len(parts) > 2:
+        return 1 if parts[2] == "adaLN_modulation" else _dit_tokens(model, int(parts[1]))
+    if parts[0] in ("x_embedder", "final_linear"):
+        return model.cfg.grid**2
+    return 1
 
 
 def _rows(parts: list[str], image_tokens: int, text_tokens: int) -> int:
@@ -167,25 +214,37 @@ def flops_per_image(
 ) -> dict[str, Any]:
     """Forward FLOPs of one image at one denoising step (activated path), overall and per component.
 
-    Give ``height`` and ``width`` in pixels (FLUX packing, see ``image_tokens_for``) or ``image_tokens`` directly.
+    FLUX: give ``height`` and ``width`` in pixels (FLUX packing, see ``image_tokens_for``) or ``image_tokens``
+    directly, and ``text_len``. A DiT runs at its config's ``image_size`` only: its L = (image_size / patch)²
+    patches (and JiT's in-context class tokens) come from the config; ``image_tokens``, if given, must be L, height,
+    width and ``text_len`` do not apply (a DiT has no text tokens; ``text_tokens`` is 0).
     Counted: every matmul as 2·m·n·k (linear layers including attention projections, activated MoE experts and
-    routers, AdaLN and MoB routers once per sample) and attention as 2·2·L²·D per layer (scores and values over
-    the L joint tokens). Ignored: biases, norms, activations, softmax, RoPE, gathers, MoB pooling.
+    routers, AdaLN and MoB routers once per sample, the DiT's timestep MLP once per sample) and attention as
+    2·2·L²·D per layer (scores and values over the L joint tokens). Ignored: biases, norms, activations, softmax,
+    RoPE, gathers, embedding lookups, MoB pooling. MoE layers count top-k experts per token (token choice).
     """
-    if (image_tokens is None) == (height is None or width is None):
+    if isinstance(model, DiT):
+        if height is not None or width is not None:
+            raise ValueError("flops_per_image: a DiT runs at its config's image_size; give no height and width")
+        tokens = model.cfg.grid**2
+        if image_tokens is not None and image_tokens != tokens:
+            raise ValueError(f"flops_per_image: image_tokens={image_tokens}, but this DiT always has {tokens}")
+        image_tokens, text_len = tokens, 0
+    elif (image_tokens is None) == (height is None or width is None):
         raise ValueError("flops_per_image: give either height and width or image_tokens")
-    if image_tokens is None:
+    elif image_tokens is None:
         image_tokens = image_tokens_for(height, width, latent_downsample)
     block_fractions = _block_fractions(model)
     mob_prefixes = _mob_prefixes(model)
+    component_of = _component_of(model)
     flops: dict[str, Fraction] = defaultdict(Fraction)
     for name, module in model.named_modules():
         if not name:
             continue
         parts = name.split(".")
         fraction = block_fractions.get(_block_key(parts), Fraction(1))
-        component = "mob_routers" if (name + ".").startswith(mob_prefixes) else _component(parts)
-        rows = _rows(parts, image_tokens, text_len)
+        component = "mob_routers" if (name + ".").startswith(mob_prefixes) else component_of(parts)
+        rows = _dit_rows(model, parts) if isinstance(model, DiT) else _rows(parts, image_tokens, text_len)
         if isinstance(module, nn.Linear):
             if component == "fused_proj_out":
                 attention = 2 * rows * module.out_features * module.out_features
@@ -199,6 +258,9 @@ def flops_per_image(
         elif isinstance(module, FluxAttention) and _block_key(parts) is not None:
             joint = image_tokens + text_len
             flops["attention_scores"] += 2 * 2 * joint * joint * module.inner_dim * fraction
+        elif isinstance(module, DiTAttention) and isinstance(model, DiT):
+            tokens = _dit_tokens(model, int(parts[1]))
+            flops["attention_scores"] += 2 * 2 * tokens * tokens * module.proj.in_features
     by_component = {key: round(flops[key]) for key in FLOP_COMPONENTS}
     return {
         "total": sum(by_component.values()),

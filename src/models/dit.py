@@ -9,7 +9,10 @@ embedding entirely) or both (JiT). The JiT options (pixel space, large patches, 
 patch embedding, RMSNorm with q/k-norm and in-context class tokens.
 
 The network only maps (z_t, t, y) to its output; whether that output is a velocity or a clean image is
-``prediction``, which the objective and the samplers (``src.models.dit_sampling``) read.
+``prediction``. Noise levels, velocities and samplers are src/models/flow.py's (σ = 1 pure noise, v = ε − x); the
+network keeps the recipe's parameterization, reading the clean-time t = 1 − σ and predicting x − ε ("v") or x
+("x"), and ``network_velocity`` turns that into flow.py's velocity. ``sample`` generates class-conditional images
+with flow.py's Euler/Heun sampler under a ``SamplerConfig``.
 
 Legend: B batch, C image channels, H/W height/width, L tokens, P = C·p² values per patch, D width, Hd heads,
 Dh head width, F FFN width, N classes (+1 null class for classifier-free guidance).
@@ -18,13 +21,22 @@ Dh head width, F FFN width, N classes (+1 null class for classifier-free guidanc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from src.models.flow import pack, unpack
+from src.models.flow import (
+    SAMPLE_PREDICTION_MIN_SIGMA,
+    SAMPLERS,
+    VelocityFn,
+    ode_sample,
+    pack,
+    to_velocity,
+    unpack,
+)
 from src.models.moe import MoEConfig, MoEFeedForward
 
 POSITIONS = ("absolute", "rope2d", "absolute+rope2d")
@@ -77,7 +89,8 @@ class DiTConfig:
     """DiT's variance head: 2C output channels, the second half unused by flow objectives (kept so the
     recipe's latent presets count parameters as published)."""
     prediction: str = "v"
-    """What the network outputs: "v" velocity x − ε (rectified flow) or "x" the clean image (JiT)."""
+    """What the network outputs: "v" the recipe's velocity dz/dt = x − ε, minus flow.py's ε − x (DSMoE), or "x"
+    the clean image (JiT); ``network_velocity`` converts either."""
     timestep_scale: float = 1000.0
     """t ∈ [0, 1] is multiplied by this before the sinusoidal embedding (the recipe's DSMoE code uses 1)."""
 
@@ -265,7 +278,10 @@ class TimestepEmbedder(nn.Module):
 
 
 class DiT(nn.Module):
-    """(z_t (B, C, H, W), t (B,) in [0, 1] with 1 = clean, labels (B,)) → prediction (B, C, H, W)."""
+    """(z_t (B, C, H, W), t (B,) in [0, 1] with 1 = clean, labels (B,)) → prediction (B, C, H, W).
+
+    t is the recipe's clean-time, 1 − σ of flow.py; callers work in σ and go through ``network_velocity``.
+    """
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -379,4 +395,110 @@ def param_counts(model: DiT) -> dict[str, int]:
     return {"total": total, "activated": total - inactive}
 
 
-__all__ = ["DiTConfig", "DiT", "param_counts"]
+# --- sampling: the network in flow.py's convention -------------------------------------------------------
+
+ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""A DiT-convention network: (z (B, C, H, W), clean-time t = 1 − σ (B,), labels (B,)) → its prediction."""
+
+
+def network_velocity(
+    model: ModelFn,
+    z_BCHW: Tensor,
+    sigma_B: Tensor,
+    labels_B: Tensor,
+    prediction: str,
+    min_sigma: float = SAMPLE_PREDICTION_MIN_SIGMA,
+) -> Tensor:
+    """flow.py's velocity ε − x at noise level σ from the network, which reads t = 1 − σ.
+
+    A "v" network predicts the recipe's dz/dt = x − ε, the negative of ε − x; an "x" network's x̂ goes through
+    ``flow.to_velocity`` as a "sample" prediction, (z − x̂)/max(σ, min_sigma) (JiT's t_eps clamp on 1 − t).
+    """
+    out_BCHW = model(z_BCHW, 1 - sigma_B, labels_B)
+    if prediction == "v":
+        return -out_BCHW
+    if prediction != "x":
+        raise ValueError(f"prediction={prediction!r}: allowed {', '.join(PREDICTIONS)}")
+    return to_velocity(out_BCHW, z_BCHW, sigma_B, "sample", min_sigma)
+
+
+def class_velocity(
+    model: ModelFn, labels_B: Tensor, null_class: int, prediction: str, min_sigma: float = SAMPLE_PREDICTION_MIN_SIGMA
+) -> VelocityFn:
+    """flow.py's ``velocity(z, sigma_B, conditional)`` for ``labels_B``: the labels (True), the null class (False)
+    or both stacked, labels first (None, batched guidance)."""
+
+    def velocity(z_BCHW: Tensor, sigma_B: Tensor, conditional: bool | None) -> Tensor:
+        null_B = torch.full_like(labels_B, null_class)
+        if conditional is None:
+            y_B = torch.cat([labels_B, null_B])
+        else:
+            y_B = labels_B if conditional else null_B
+        return network_velocity(model, z_BCHW, sigma_B, y_B, prediction, min_sigma)
+
+    return velocity
+
+
+@dataclass
+class SamplerConfig:
+    """How ``sample`` generates: flow.py's ODE integrator, its steps and classifier-free guidance."""
+
+    method: str = "euler"
+    """"euler" (DSMoE: 250 steps) or "heun" (JiT: 50 steps; the last step is Euler, where x-prediction's
+    1/σ would divide by t_eps)."""
+    steps: int = 50
+    """Integration steps S on a uniform σ grid from 1 to 0 (``flow.sampling_schedule`` without shift)."""
+    cfg_scale: float = 1.0
+    """Guidance s: v = v_uncond + s·(v_cond − v_uncond); 1 = no guidance (one model call per evaluation)."""
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    """Guidance only while lo <= t <= hi in the recipe's clean-time t = 1 − σ (JiT: (0.1, 1.0), i.e. σ <= 0.9),
+    conditional velocity elsewhere."""
+    t_eps: float = 0.05
+    """Floor on σ = 1 − t when turning an x-prediction into a velocity (JiT's t_eps, flow.to_velocity's min_sigma)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in SAMPLERS:
+            raise ValueError(f"method={self.method!r}: allowed values are {', '.join(SAMPLERS)}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps={self.steps!r}: must be a positive integer")
+        if not self.cfg_scale >= 0:
+            raise ValueError(f"cfg_scale={self.cfg_scale!r}: must be >= 0")
+        lo, hi = self.cfg_interval
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"cfg_interval={self.cfg_interval!r}: must satisfy 0 <= lo <= hi <= 1")
+        if not 0 < self.t_eps < 1:
+            raise ValueError(f"t_eps={self.t_eps!r}: must be in (0, 1)")
+
+    @property
+    def sigma_interval(self) -> tuple[float, float]:
+        """``cfg_interval`` as noise levels: lo <= t <= hi is 1 − hi <= σ <= 1 − lo."""
+        lo, hi = self.cfg_interval
+        return 1 - hi, 1 - lo
+
+
+@torch.no_grad()
+def sample(
+    model: ModelFn, noise_BCHW: Tensor, labels_B: Tensor, null_class: int, prediction: str, cfg: SamplerConfig
+) -> Tensor:
+    """Images (B, C, H, W) of ``labels_B`` from the noise at σ = 1, by ``flow.ode_sample`` (guidance batched)."""
+    velocity = class_velocity(model, labels_B, null_class, prediction, cfg.t_eps)
+    return ode_sample(
+        velocity,
+        noise_BCHW,
+        cfg.steps,
+        cfg.cfg_scale,
+        batch_cfg=True,
+        method=cfg.method,
+        cfg_interval=cfg.sigma_interval,
+    )
+
+
+__all__ = [
+    "DiTConfig",
+    "DiT",
+    "param_counts",
+    "network_velocity",
+    "class_velocity",
+    "SamplerConfig",
+    "sample",
+]

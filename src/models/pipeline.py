@@ -17,9 +17,9 @@ from torch import nn
 
 from src.models.compute_schedule import Schedule, check_schedule, model_schedules, scheduled
 from src.models.flow import (
-    euler_sample,
     fixed_noise,
     image_ids,
+    ode_sample,
     pack,
     prediction_type,
     sampling_shift,
@@ -195,7 +195,7 @@ class ShapesPipeline:
 
         model = transformer or self.transformer
         with scheduled(model, *s.schedules_for(model)) as apply, load_tracking(model, False):
-            x_BLD = euler_sample(
+            x_BLD = ode_sample(
                 velocity,
                 noise_BLD,
                 s.steps,

@@ -1,9 +1,10 @@
 """Train a class-conditional DiT / DSMoE / JiTMoE from scratch with rectified flow (arXiv 2512.01252's recipe).
 
-The training step reads straight through: labels (some replaced by the null class for classifier-free
-guidance) → t and noise → z_t = t·x + (1 − t)·ε → network → velocity → MSE to x − ε, plus the MoE layers'
-balance losses → log. Two objectives: "flow" (DSMoE: the network predicts v, t uniform) and "jit" (JiT: the
-network predicts x, the loss stays on v, t logit-normal). After every optimizer step the aux-loss-free layers
+The training step reads straight through, in flow.py's convention (σ = 1 pure noise, v = ε − x): labels (some
+replaced by the null class for classifier-free guidance) → σ and noise → x_σ = (1 − σ)·x + σ·ε → network (which
+reads the recipe's t = 1 − σ) → velocity → MSE to ε − x, plus the MoE layers' balance losses → log. Two
+objectives: "flow" (DSMoE: the network predicts v, t uniform) and "jit" (JiT: the network predicts x, the loss
+stays on v, t logit-normal). After every optimizer step the aux-loss-free layers
 move their selection bias toward balance (DeepSeek-V3); the recipe's released code registers that bias but
 never updates it. EMA weights come from Lightning's ``EMAWeightAveraging`` callback (it swaps them in for
 validation and at the end of fit); per-layer expert load and router entropy from ``ExpertLoadCallback``.
@@ -24,16 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.fid import check_fid_available, class_accuracy, fid_input, fid_metric
-from src.models.dit import DiT, param_counts
+from src.models.dit import DiT, SamplerConfig, network_velocity, param_counts, sample
 from src.models.dit_presets import dit_config
-from src.models.dit_sampling import SamplerConfig, interpolate, sample, sample_timesteps, to_velocity
-from src.models.flow import fixed_noise, to_uint8
+from src.models.flow import fixed_noise, interpolate, sample_sigmas, to_uint8, to_velocity
 from src.models.moe import sync_balance_losses, total_aux_loss, update_expert_biases
 from src.training.base import image_grid
 from src.training.schedules import warmup_schedule
 
 OBJECTIVES = {"flow": ("v", "uniform"), "jit": ("x", "logit_normal")}
-"""objective → (the prediction the network must make, training t distribution)."""
+"""objective → (the prediction the network must make, training noise-level distribution)."""
 
 
 class DiTModule(L.LightningModule):
@@ -62,8 +62,9 @@ class DiTModule(L.LightningModule):
             model: DiTConfig fields overriding the preset; ``moe`` may be a dict of MoEConfig fields merged into
                 the preset's layout, or null for a dense model.
             objective: "flow" (v-prediction, uniform t; DSMoE) or "jit" (x-prediction, v-loss, logit-normal t).
-            timestep_mean: Mean of the logit-normal t distribution ("jit"; JiT uses -0.8).
-            timestep_std: Std of the logit-normal t distribution ("jit"; JiT uses 0.8).
+            timestep_mean: Mean of the logit-normal distribution of the clean-time t = 1 − σ ("jit"; JiT uses
+                -0.8, i.e. σ = sigmoid(N(0.8, 0.8))).
+            timestep_std: Std of that logit-normal distribution ("jit"; JiT uses 0.8).
             noise_scale: ε is drawn with this std (JiT: 1.0 at 256 px).
             label_dropout: Probability of training a sample with the null class (classifier-free guidance).
             lr: AdamW learning rate (recipe: 1e-4 constant for DSMoE, 2e-4 for JiTMoE).
@@ -118,16 +119,18 @@ class DiTModule(L.LightningModule):
         b = x_BCHW.shape[0]
         drop_B = torch.rand(b, device=self.device) < hp.label_dropout
         y_B = torch.where(drop_B, torch.full_like(y_B, self.model.null_class), y_B)
-        t_B = sample_timesteps(b, self.timestep_distribution, hp.timestep_mean, hp.timestep_std, device=self.device)
+        # logit(σ) = −logit(t): the t distribution's mean flips sign
+        mean, std = -hp.timestep_mean, hp.timestep_std
+        sigma_B = sample_sigmas(b, self.timestep_distribution, mean=mean, std=std, device=self.device)
         noise_BCHW = hp.noise_scale * torch.randn_like(x_BCHW)
-        z_BCHW = interpolate(x_BCHW, noise_BCHW, t_B)
-        self.last_sigma_B = 1 - t_B  # noise level, for ExpertLoadCallback's timestep buckets
-        v_pred = to_velocity(self.model(z_BCHW, t_B, y_B), z_BCHW, t_B, cfg.prediction, self.sampler.t_eps)
-        # JiT's target (x − z_t)/(1 − t) with the same clamp as the prediction; x − ε for v-prediction.
+        z_BCHW = interpolate(x_BCHW, noise_BCHW, sigma_B)
+        self.last_sigma_B = sigma_B  # for ExpertLoadCallback's timestep buckets
+        v_pred = network_velocity(self.model, z_BCHW, sigma_B, y_B, cfg.prediction, self.sampler.t_eps)
+        # JiT's target (z − x)/σ with the same clamp as the prediction; ε − x for v-prediction.
         v_target = (
-            to_velocity(x_BCHW, z_BCHW, t_B, "x", self.sampler.t_eps)
+            to_velocity(x_BCHW, z_BCHW, sigma_B, "sample", self.sampler.t_eps)
             if cfg.prediction == "x"
-            else (x_BCHW - noise_BCHW)
+            else (noise_BCHW - x_BCHW)
         )
         flow_loss = F.mse_loss(v_pred.float(), v_target.float())
         sync_balance_losses(self.model)  # DDP: the balance loss sees the global expert loads (no-op otherwise)

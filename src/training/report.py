@@ -41,7 +41,7 @@ from src.data.latents import LatentDataModule, load_manifest
 from src.data.shapes import TASKS
 from src.data.worlds import WORLDS, make_world, model_world
 from src.models.accounting import count_params, flops_per_image, trajectory_cost
-from src.models.flow import euler_sample, fixed_noise
+from src.models.flow import fixed_noise, ode_sample
 from src.models.pipeline import ShapesPipeline
 from src.progress import progress_bar
 from src.training.base import image_grid
@@ -370,7 +370,7 @@ def _latent_fidelity(exp, teacher, student, conditioning, tokens: int) -> dict[s
             final = {}
             for name, model in (("teacher", teacher), ("student", student)):
                 start = time.perf_counter()
-                final[name] = euler_sample(
+                final[name] = ode_sample(
                     lambda x, s, _cond, m=model, i=inputs: velocity(m, x, s, i, guidance).float(),
                     noise_BLD,
                     ev.steps,
