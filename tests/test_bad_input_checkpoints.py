@@ -44,3 +44,12 @@ def test_commands_refuse(command, capsys, workdir):
     line = one_error_line(err)
     assert code == 2 and "config.json does not match the weights (num_layers=3" in line, line
     assert not any((workdir / name).exists() for name in ("ev", "ex", "runs"))
+
+
+def test_evaluate_top_k_on_a_dense_model(capsys, workdir):
+    """--top_k names routed experts: a dense model has none, which is one error line, not a traceback."""
+    folder = workdir / "dense"
+    FluxTransformer2DModel(**TINY_FLUX).save_pretrained(folder)
+    code, _, err = run_cli(["evaluate", "--model", str(folder), "--top_k", "1", "--log_mlflow", "false"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "--top_k 1" in line and "no MoE layers" in line, line

@@ -124,7 +124,10 @@ def load_embedded_generator(model: str, sampling: EmbeddedSampling, device) -> L
     transformer = load_transformer(model).eval().to(device)
     top_k = sampling.top_k
     if top_k is not None:
-        set_top_k(transformer, top_k)
+        try:
+            set_top_k(transformer, top_k)
+        except ValueError as err:  # no MoE layers, or k above the experts
+            raise UserError(f"--top_k {top_k}: {model}: {err}") from None
     try:
         top_k_schedule, mob_schedule = (check_schedule(getattr(sampling, n), n) for n in SCHEDULE_KEYS)
         if top_k is not None and top_k_schedule is None:  # an explicit top-k also overrides the config's schedule

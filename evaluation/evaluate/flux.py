@@ -17,6 +17,7 @@ from evaluation.evaluate.core import (
 from evaluation.evaluate.options import PromptOptions, ScoringOptions, TrackingOptions, check_count
 from evaluation.generate import FluxGenerator, load_flux_pipeline
 from src.dtypes import DTYPES, resolve_device
+from src.errors import UserError
 from src.models.flux_moe import set_top_k
 
 SAMPLER_KEYS = ("steps", "guidance", "shift", "height", "width", "max_sequence_length", "dtype")
@@ -97,7 +98,10 @@ def load_flux_generator(model: str, transformer: str | None, sampling: FluxSampl
     """The pipeline on ``device`` (``transformer`` replacing its own) as a `FluxGenerator`."""
     pipeline = load_flux_pipeline(model, transformer, sampling.dtype, str(device))
     if sampling.top_k is not None:
-        set_top_k(pipeline.transformer, sampling.top_k)
+        try:
+            set_top_k(pipeline.transformer, sampling.top_k)
+        except ValueError as err:  # no MoE layers, or k above the experts
+            raise UserError(f"--top_k {sampling.top_k}: {err}") from None
     generator = FluxGenerator(
         pipeline, sampling.height, sampling.width, sampling.steps, sampling.guidance, sampling.max_sequence_length
     )
