@@ -12,7 +12,7 @@ import yaml
 from diffusers import FluxTransformer2DModel
 from jsonargparse import ArgumentParser
 
-from src.config_parsing import instantiate
+from src.config_parsing import instantiate, user_facing_error
 from src.dtypes import DTYPES
 from src.errors import UserError
 from src.models.accounting import count_params, flops_per_image, trajectory_cost
@@ -26,7 +26,7 @@ from src.models.moe import moe_layers
 from src.models.presets import flux_config
 from src.models.student import StudentRecipe, build_student, with_mob
 from src.training.distill import trainable_parameters
-from src.training.experiment import DataSpec, TeacherSpec, is_experiment_config
+from src.training.experiment import DataSpec, TeacherSpec, is_experiment_config, with_trainer_defaults
 from src.training.precision import compute_dtype
 from src.training.runner import run_experiment
 from src.training.strategies import fsdp_spec
@@ -45,9 +45,14 @@ def _load_experiment(config: str) -> dict[str, Any]:
     parser.add_function_arguments(run_experiment, as_positional=False)
     try:
         cfg = parser.parse_path(config)
-        return vars(instantiate(parser, cfg))
-    except ValueError as err:
+        args = vars(instantiate(parser, cfg))
+    except ValueError as err:  # a section typed `X | None` reports its own error as its cause
+        raise UserError(f"config {config}: {user_facing_error(err) or err}") from None
+    try:  # each stage's trainer section resolved over the experiment's, as Experiment holds them
+        args["stages"] = with_trainer_defaults(args["stages"], args.get("trainer"))
+    except UserError as err:
         raise UserError(f"config {config}: {err}") from None
+    return args
 
 
 def _teacher_config(teacher) -> dict[str, Any]:
@@ -311,9 +316,10 @@ def memory_plan(
         trained = frozenset(
             n for n, p in student.named_parameters() if id(p) in _ids(trainable_parameters(student, spec))
         )
-        fsdp = fsdp_spec(spec.strategy)
-        init = spec.strategy.get("init_args", {}) if isinstance(spec.strategy, dict) else {}
-        world = gpus or (spec.devices if isinstance(spec.devices, int) and spec.devices > 0 else 1)
+        strategy, devices = spec.trainer.strategy, spec.trainer.devices
+        fsdp = fsdp_spec(strategy)
+        init = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
+        world = gpus or (devices if isinstance(devices, int) and devices > 0 else 1)
         setup = StageSetup(
             trained=trained,
             compute_dtype=compute_dtype(spec.precision),

@@ -22,7 +22,7 @@ from src.models.convert import ConversionConfig
 from src.sweep.configs import check_path, is_experiment, load_base, trial_config, variant_base
 from src.sweep.pruning import TRAIN_METRICS
 from src.sweep.spec import VARIANT_PARAM, SweepSpec
-from src.training.experiment import StudentSpec, validate_order, validate_schedules
+from src.training.experiment import StudentSpec, validate_order, validate_schedules, with_trainer_defaults
 from src.training.report import summary_keys
 from src.training.runner import run_experiment
 
@@ -44,6 +44,7 @@ def _experiment_problem(config: dict[str, Any]) -> str | None:
         student = init.student or StudentSpec(conversion=ConversionConfig())
         validate_order(init.stages, student)
         validate_schedules(init.evaluation, student, init.data)
+        with_trainer_defaults(init.stages, init.trainer)
     except ArgumentError as err:
         return config_error_line(err)
     except UserError as err:

@@ -25,6 +25,7 @@ from src.sweep.spec import VARIANT_PARAM, SweepSpec
 from src.training.distill import StageSpec
 from src.training.mlflow_logging import MLflowLogger
 from src.training.runner import run_experiment
+from src.training.trainer_spec import TRAINER_DEFAULTS
 
 DRIVER_KEYS = (
     "name",
@@ -37,7 +38,8 @@ DRIVER_KEYS = (
 )
 """Arguments the sweep driver sets for every trial (not searchable)."""
 SCHEDULE_FIELDS = ("steps", "warmup_steps", "checkpoint_every")
-"""Stage fields that ``trial.steps_scale`` shortens."""
+"""Stage fields that ``trial.steps_scale`` shortens (``checkpoint_every`` where the stage's value comes from: its
+``trainer`` section, its shorthand key, the experiment's ``trainer`` section or the default)."""
 
 
 # --- the schema ------------------------------------------------------------------------------------------------
@@ -76,7 +78,7 @@ def check_path(path: str, config: dict[str, Any], where: str) -> None:
         tp = _unwrap(tp)
         origin = typing.get_origin(tp)
         if tp is Any or tp is dict or origin is dict:
-            return  # a free-form mapping (teacher.expected, extra_trainer)
+            return  # a free-form mapping (teacher.expected, trainer.extra)
         if origin is list:
             items = node if isinstance(node, list) else []
             names = [it.get("name") for it in items if isinstance(it, dict)]
@@ -184,13 +186,29 @@ def _stage_default(name: str) -> Any:
     return StageSpec.__dataclass_fields__[name].default
 
 
+def _scaled(value: int, scale: float) -> int:
+    return max(1, round(value * scale))
+
+
 def shorten(config: dict[str, Any], scale: float) -> None:
     """Every stage's steps, warm-up and checkpoint interval times ``scale`` (at least 1)."""
     if scale == 1.0:
         return
+    top = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
     for stage in config["stages"]:
-        for name in SCHEDULE_FIELDS:
-            stage[name] = max(1, round(stage.get(name, _stage_default(name)) * scale))
+        for name in ("steps", "warmup_steps"):
+            stage[name] = _scaled(stage.get(name, _stage_default(name)), scale)
+        section = stage.get("trainer") if isinstance(stage.get("trainer"), dict) else None
+        own = [node for node in (section, stage) if node is not None and node.get("checkpoint_every") is not None]
+        if own:  # the stage's own value (its section and its shorthand key agree, or parsing refuses them)
+            for node in own:
+                node["checkpoint_every"] = _scaled(node["checkpoint_every"], scale)
+            continue
+        inherited = top.get("checkpoint_every")
+        every = _scaled(TRAINER_DEFAULTS["checkpoint_every"] if inherited is None else inherited, scale)
+        if section is None:
+            stage["trainer"] = section = {}
+        section["checkpoint_every"] = every
 
 
 def variant_base(spec: SweepSpec, variant: str | None) -> dict[str, Any]:

@@ -23,10 +23,12 @@ from src.training.mlflow_logging import flat_params
 
 
 def experiment_config(exp: Experiment) -> dict[str, Any]:
-    """The experiment as it runs, every default filled in (a valid experiment YAML)."""
-    as_dict = {f.name: getattr(exp, f.name) for f in dataclasses.fields(exp) if f.name != "callbacks"}
+    """The experiment as it runs, every default filled in (a valid experiment YAML): each stage with its resolved
+    ``trainer`` section, so the experiment's own section (their defaults) is left out."""
+    skipped = ("callbacks", "trainer")
+    as_dict = {f.name: getattr(exp, f.name) for f in dataclasses.fields(exp) if f.name not in skipped}
     plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in as_dict.items()}
-    plain["stages"] = [dataclasses.asdict(s) for s in exp.stages]
+    plain["stages"] = [s.as_dict() for s in exp.stages]
     plain["output_dir"] = str(exp.output_dir)
     return plain
 

@@ -20,13 +20,12 @@ Legend: B batch, L image tokens, D token width.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning import Trainer
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -47,14 +46,21 @@ from src.training.conditioning import LatentConditioning, ShapesConditioning, ve
 from src.training.precision import apply_precision, check_precision
 from src.training.schedules import warmup_schedule
 from src.training.strategies import check_strategy, fsdp_spec
+from src.training.trainer_spec import TrainerSpec, merge_same, shorthand_trainer
 
 STAGE_KINDS = ("shared_kd", "moe_kd", "mob_kd", "dense_kd")
 TRAINABLE = ("default", "all")
 
 
+SHORTHAND_KEYS = ("checkpoint_every", "accelerator", "devices", "strategy", "extra_trainer")
+"""Stage keys from before the ``trainer`` section: shorthand for the stage's ``trainer.<key>`` (``extra_trainer``:
+``trainer.extra``); after parsing each reads the same as its ``trainer`` key."""
+
+
 @dataclass
 class StageSpec:
-    """One distillation stage of an experiment."""
+    """One distillation stage of an experiment: what it trains. Where it runs is its ``trainer`` section
+    (src/training/trainer_spec.py), over the experiment's."""
 
     name: str
     """Stage name (unique in the experiment; its folder and MLflow run are named after it)."""
@@ -65,7 +71,7 @@ class StageSpec:
     lr: float = 5e-4
     """AdamW peak learning rate (linear warm-up, then cosine decay to 10%)."""
     batch_size: int = 32
-    """Images per step and device (global batch = batch_size × devices × nodes)."""
+    """Images per step and device (global batch = batch_size × devices × nodes × accumulate_grad_batches)."""
     precision: str = "32-true"
     """Lightning precision: "32-true", "bf16-mixed" or "16-mixed" (trained parameters stay fp32 in all three)."""
     accumulate_grad_batches: int = 1
@@ -88,18 +94,21 @@ class StageSpec:
     """Noise-level sampling: "uniform" or "logit_normal"."""
     timestep_shift: float = 1.0
     """FLUX shift applied to the sampled noise levels."""
-    checkpoint_every: int = 50
-    """Steps between resumable checkpoints."""
-    accelerator: str = "auto"
-    """Lightning accelerator."""
-    devices: Any = 1
-    """Lightning devices."""
-    strategy: str | dict[str, Any] = "auto"
-    """Lightning strategy: a name ("auto", "ddp", …) or {class_path, init_args} (src/training/strategies.py)."""
     gradient_clip_val: float = 1.0
-    """Gradient norm clipping."""
+    """Gradient norm clipping (by the global norm)."""
+    trainer: TrainerSpec | None = None
+    """Where the stage runs: accelerator, devices, num_nodes, strategy, checkpoint_every, extra Trainer arguments;
+    keys left unset come from the experiment's ``trainer`` section (src/training/trainer_spec.py)."""
+    checkpoint_every: int | None = None
+    """Shorthand for trainer.checkpoint_every."""
+    accelerator: str | None = None
+    """Shorthand for trainer.accelerator."""
+    devices: int | str | list[int] | None = None
+    """Shorthand for trainer.devices."""
+    strategy: str | dict[str, Any] | None = None
+    """Shorthand for trainer.strategy."""
     extra_trainer: dict[str, Any] = field(default_factory=dict)
-    """Any other ``lightning.Trainer`` arguments."""
+    """Shorthand for trainer.extra (its accelerator, devices, num_nodes, strategy go to the typed trainer keys)."""
 
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:
@@ -110,31 +119,34 @@ class StageSpec:
             raise ValueError(
                 f"stage {self.name!r}: timestep_sampling={self.timestep_sampling!r}; allowed {list(TIMESTEP_SAMPLINGS)}"
             )
-        for name in ("steps", "batch_size", "checkpoint_every"):
+        for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"stage {self.name!r}: {name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"stage {self.name!r}: lr={self.lr} must be > 0")
         try:
-            check_strategy(self.strategy, self.kind)
             check_precision(self.precision)
             check_accumulation(self.accumulate_grad_batches, self.kind)
-            check_extra_trainer(self.extra_trainer)
+            shorthand = shorthand_trainer(
+                {k: getattr(self, k) for k in SHORTHAND_KEYS if k != "extra_trainer"}, self.extra_trainer
+            )
+            self.trainer = merge_same(self.trainer or TrainerSpec(), shorthand)
+            if self.trainer.strategy is not None:
+                check_strategy(self.trainer.strategy, self.kind)
         except ValueError as err:
             raise ValueError(f"stage {self.name!r}: {err}") from None
+        # the shorthand keys read as the section (code and YAMLs written before it keep working)
+        for key in SHORTHAND_KEYS:
+            setattr(self, key, dict(self.trainer.extra) if key == "extra_trainer" else getattr(self.trainer, key))
 
+    def with_defaults(self, defaults: TrainerSpec | None) -> StageSpec:
+        """This stage with every trainer key resolved: its own, else ``defaults``' (the experiment's section), else
+        the default (``TRAINER_DEFAULTS``)."""
+        return dataclasses.replace(self, trainer=self.trainer.over(defaults).filled())
 
-def check_extra_trainer(extra: dict[str, Any]) -> None:
-    """``extra_trainer`` keys must be ``lightning.Trainer`` arguments; a precision in it obeys the precision policy."""
-    accepted = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
-    for key in extra:
-        if key not in accepted:
-            raise ValueError(f"extra_trainer.{key}: not a lightning.Trainer argument")
-    if "precision" in extra:
-        try:
-            check_precision(str(extra["precision"]))
-        except ValueError as err:
-            raise ValueError(f"extra_trainer.{err}") from None
+    def as_dict(self) -> dict[str, Any]:
+        """The stage as a YAML mapping, without the shorthand keys (its ``trainer`` section holds them)."""
+        return {k: v for k, v in asdict(self).items() if k not in SHORTHAND_KEYS}
 
 
 # --- which parameters a stage trains ------------------------------------------------------------------------------
@@ -242,7 +254,7 @@ class DistillStage(FlowModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters({"stage": asdict(spec), "noise_seed": seed})
+        self.save_hyperparameters({"stage": spec.as_dict(), "noise_seed": seed})
         self.spec, self.seed = spec, seed
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student.train()
@@ -254,7 +266,7 @@ class DistillStage(FlowModule):
         if spec.kind == "shared_kd":
             set_layers_top_k(student, 0)
         self._params = trainable_parameters(student, spec)
-        apply_precision(student, self._params, spec.precision, fsdp=fsdp_spec(spec.strategy))
+        apply_precision(student, self._params, spec.precision, fsdp=fsdp_spec(spec.trainer.strategy or "auto"))
         teacher_taps, student_taps, self.pairs = feature_pairs(teacher, student, spec.kind)
         self._teacher_taps = FeatureTaps(teacher_taps)
         self._student_taps = FeatureTaps(student_taps)

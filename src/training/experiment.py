@@ -5,7 +5,9 @@ calls ``run_experiment`` (src/training/runner.py) when the YAML has ``stages``. 
 its own Lightning ``Trainer.fit`` and its own MLflow run, nested under one parent run per experiment; a stage's
 exported student feeds the next. Rerunning the same command skips finished stages and resumes an interrupted one
 from its newest checkpoint; a finished stage whose recorded configuration differs from the current one is refused
-rather than reused or overwritten.
+rather than reused or overwritten. The recorded configuration (``Experiment.stage_fingerprint``) is what changes
+results, not where a stage runs: its ``trainer`` section (src/training/trainer_spec.py) may change between runs
+as long as the global batch stays the same.
 
 Layout of ``output_dir``: ``experiment.json`` (parent run id, fingerprint), ``taylor_scores.safetensors``,
 ``<stage>/checkpoints/``, ``<stage>/student/`` (diffusers folder) and ``<stage>/done.json``, ``report/``.
@@ -31,6 +33,7 @@ from src.models.convert import ConversionConfig
 from src.models.mob import MoBConfig
 from src.models.moe import parse_layout
 from src.training.distill import StageSpec
+from src.training.trainer_spec import TrainerSpec
 
 
 @dataclass
@@ -202,6 +205,62 @@ def recipe(spec: Any) -> dict[str, Any]:
     }
 
 
+def batch_layout(batch_size: int, world_size: int, accumulate: int) -> dict[str, int]:
+    """How a stage's optimizer step is made of samples, as far as results go.
+
+    A step trains on the global batch of ``batch_size × world_size × accumulate`` samples (world size = devices ×
+    nodes). Ranks are interchangeable: rank r's slice of data and noise is the r-th slice of what one process with
+    the whole batch draws, and every statistic a loss uses (feature-loss normalisers, expert loads) is all-reduced
+    over the ranks, so R devices × batch b train as 1 device × batch R·b, up to float rounding (tests/test_ddp.py;
+    on prepared latents litdata deals the shards to the ranks, so the samples match per epoch, not per step).
+    Micro-batches are not interchangeable with ranks: those statistics are per micro-batch, and rank r's
+    micro-batch m holds rows (r·A + m)·b … of the global batch (src/training/accumulation.py), so with A > 1 the
+    micro-batches hold other samples when R changes. Hence: the global batch alone when A = 1; with A > 1 also A
+    and the world size (which together with the global batch fix b).
+    """
+    layout = {"global_batch": batch_size * world_size * accumulate}
+    if accumulate > 1:
+        layout |= {"accumulate_grad_batches": accumulate, "world_size": world_size}
+    return layout
+
+
+def stage_recipe(spec: StageSpec) -> dict[str, Any]:
+    """What a stage's result depends on: its own keys with ``batch_size`` × the world size × accumulation as the
+    global batch (``batch_layout``); none of its ``trainer`` section (accelerator, devices, num_nodes, strategy,
+    checkpoint_every, extra Trainer arguments), which says where it runs, not what it trains. Precision and
+    gradient clipping are stage keys and stay in. A strategy (DDP, FSDP, activation checkpointing) changes results
+    only by float rounding, as the device count does; FSDP's own ``mixed_precision`` dtypes (which tensors are held
+    and reduced in bf16 under a bf16 ``precision``) round differently too and are not fingerprinted either.
+    """
+    own = {k: v for k, v in spec.as_dict().items() if k not in ("trainer", "batch_size", "accumulate_grad_batches")}
+    world = (spec.trainer or TrainerSpec()).world_size()
+    return own | batch_layout(spec.batch_size, world, spec.accumulate_grad_batches)
+
+
+def legacy_stage_recipe(spec: StageSpec) -> dict[str, Any]:
+    """A resolved stage as fingerprints described it before the trainer section: every key of the stage, the
+    launcher settings flat beside the others (so a stage folder started then still resumes with the same config)."""
+    trainer = spec.trainer or TrainerSpec()
+    extra = dict(trainer.extra) | ({"num_nodes": trainer.num_nodes} if trainer.num_nodes is not None else {})
+    legacy = {k: v for k, v in spec.as_dict().items() if k != "trainer"}
+    return legacy | {
+        "checkpoint_every": trainer.checkpoint_every,
+        "accelerator": trainer.accelerator,
+        "devices": trainer.devices,
+        "strategy": trainer.strategy,
+        "extra_trainer": extra,
+    }
+
+
+def with_trainer_defaults(stages: list[StageSpec], trainer: TrainerSpec | None) -> list[StageSpec]:
+    """The stages with their trainer sections resolved over the experiment's ``trainer`` section (and the
+    defaults); a setting a stage cannot use (an FSDP strategy for mob_kd) is refused naming the stage."""
+    try:
+        return [s.with_defaults(trainer) for s in stages]
+    except ValueError as err:
+        raise UserError(f"trainer: {err}") from None
+
+
 def validate_order(stages: list[StageSpec], student: StudentSpec) -> None:
     """Stages in an impossible order are refused before anything runs."""
     if not stages:
@@ -269,6 +328,11 @@ class Experiment:
     tracking_uri: str | None
     callbacks: list[Callback] = field(default_factory=list)
     mlflow_parent_run_id: str | None = None
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    """The experiment's trainer section: defaults for every stage's (the stages hold them resolved)."""
+
+    def __post_init__(self) -> None:
+        self.stages = with_trainer_defaults(self.stages, self.trainer)
 
     def _student_recipe(self) -> dict[str, Any]:
         student = asdict(self.student)
@@ -280,8 +344,7 @@ class Experiment:
             }
         return student
 
-    def stage_fingerprint(self, index: int) -> str:
-        """What a stage's result depends on: teacher, student recipe, Taylor calibration, stages up to it."""
+    def _fingerprint(self, index: int, stage_recipe_of) -> str:
         return content_hash(
             {
                 "teacher": recipe(self.teacher),
@@ -289,9 +352,23 @@ class Experiment:
                 "taylor": asdict(self.taylor),
                 "data": recipe(self.data),
                 "seed": self.seed,
-                "stages": [asdict(s) for s in self.stages[: index + 1]],
+                "stages": [stage_recipe_of(s) for s in self.stages[: index + 1]],
             }
         )
+
+    def stage_fingerprint(self, index: int) -> str:
+        """What a stage's result depends on: teacher, student recipe, Taylor calibration, data, seed and the
+        stages up to it (``stage_recipe``: their training keys and global batch, not where they run). A stage
+        folder recording another fingerprint is refused; one started on 1 device × batch 32 resumes on 2 × 16."""
+        return self._fingerprint(index, stage_recipe)
+
+    def legacy_stage_fingerprint(self, index: int) -> str:
+        """The fingerprint of the same configuration as stage folders recorded it before the trainer section."""
+        return self._fingerprint(index, legacy_stage_recipe)
+
+    def matches(self, index: int, recorded: str) -> bool:
+        """Whether a stage folder's recorded fingerprint is this configuration's (also in the earlier form)."""
+        return recorded in (self.stage_fingerprint(index), self.legacy_stage_fingerprint(index))
 
 
 def is_experiment_config(path: str) -> bool:
@@ -330,6 +407,8 @@ def yaml_keys() -> str:
     lines.append("  name (required)  Experiment name (parent MLflow run name; default output folder runs/<name>).")
     for key, cls in (("teacher", TeacherSpec), ("student", StudentSpec), ("taylor", TaylorSpec)):
         walk(cls, f"{key}.")
+    lines.append("  trainer  where every stage runs (a stage's own trainer keys win), with the keys below")
+    walk(TrainerSpec, "trainer.")
     lines.append("  stages (required)  list of stages, each with the keys below")
     walk(StageSpec, "stages[].")
     for key, cls in (("evaluation", EvalSpec), ("data", DataSpec)):

@@ -70,10 +70,10 @@ from src.training.strategies import (
     has_fsdp_units,
     is_fsdp,
     is_main_rank,
-    launched_num_nodes,
     rank_barrier,
 )
 from src.training.terminal import quiet_lightning
+from src.training.trainer_spec import TrainerSpec
 
 
 def load_teacher(exp: Experiment) -> torch.nn.Module:
@@ -269,7 +269,7 @@ def run_stage(
     ckpt_dir = stage_dir / "checkpoints"
     fp = exp.stage_fingerprint(index)
     meta = stage_dir / "stage.json"
-    if meta.exists() and json.loads(meta.read_text())["fingerprint"] != fp:
+    if meta.exists() and not exp.matches(index, json.loads(meta.read_text())["fingerprint"]):
         raise UserError(
             f"{stage_dir}: holds a stage {spec.name!r} started with a different configuration (e.g. another MoE "
             "layout); it is kept untouched — use a new output_dir or delete that folder"
@@ -299,20 +299,21 @@ def run_stage(
         tracking_uri=exp.tracking_uri,
         tags=tags,
     )
+    run_on = spec.trainer  # resolved over the experiment's section (Experiment holds the stages so)
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="step{step:06d}",
         auto_insert_metric_name=False,
-        every_n_train_steps=spec.checkpoint_every,
+        every_n_train_steps=run_on.checkpoint_every,
         save_top_k=1,
         save_last=True,
     )
     trainer_args = dict(
         max_steps=spec.steps,
-        accelerator=spec.accelerator,
-        devices=spec.devices,
-        strategy=build_strategy(spec.strategy, spec.kind),
-        num_nodes=launched_num_nodes(),
+        accelerator=run_on.accelerator,
+        devices=run_on.devices,
+        strategy=build_strategy(run_on.strategy, spec.kind),
+        num_nodes=run_on.nodes(),
         precision=spec.precision,
         gradient_clip_val=spec.gradient_clip_val,
         accumulate_grad_batches=spec.accumulate_grad_batches,
@@ -324,7 +325,14 @@ def run_stage(
         enable_model_summary=False,
     )
     quiet_lightning()
-    trainer = L.Trainer(**(trainer_args | spec.extra_trainer))  # extra_trainer may override any default
+    # trainer.extra holds only arguments the runner does not set, or its overridable defaults (trainer_spec.py)
+    trainer = L.Trainer(**(trainer_args | run_on.extra))
+    if trainer.world_size != run_on.world_size():  # the fingerprint's global batch counted another world size
+        raise UserError(
+            f"stage {spec.name!r}: Lightning runs {trainer.world_size} processes, but trainer.devices="
+            f"{run_on.devices!r} × {run_on.nodes()} node(s) counts {run_on.world_size()}; set trainer.devices to a "
+            "number or a list of device ids"
+        )
     if is_main_rank() and params:
         log_new_params(logger.experiment, logger.run_id, stage_params(params))
         logger.experiment.log_text(logger.run_id, config_yaml(exp), "config.yaml")
@@ -375,10 +383,9 @@ def check_stage_folders(exp: Experiment, only_stage: str | None) -> None:
     """Stage folders from another configuration, or an ``only_stage`` whose predecessors are unfinished."""
     for index, spec in enumerate(exp.stages):
         stage_dir = exp.output_dir / spec.name
-        fp = exp.stage_fingerprint(index)
         for marker in ("done.json", "stage.json"):
             path = stage_dir / marker
-            if path.exists() and json.loads(path.read_text())["fingerprint"] != fp:
+            if path.exists() and not exp.matches(index, json.loads(path.read_text())["fingerprint"]):
                 state = "finished" if marker == "done.json" else "started"
                 raise UserError(
                     f"{stage_dir}: {state} with a different configuration (e.g. another MoE layout or stage "
@@ -405,7 +412,7 @@ def _run_stages(exp: Experiment, only_stage: str | None, teacher, conditioning, 
             stage_dir = exp.output_dir / spec.name
             done = stage_dir / "done.json"
             if done.exists():
-                if json.loads(done.read_text())["fingerprint"] != exp.stage_fingerprint(index):
+                if not exp.matches(index, json.loads(done.read_text())["fingerprint"]):
                     raise UserError(
                         f"{stage_dir}: finished with a different configuration (e.g. another MoE layout or stage "
                         "order); it is kept untouched — use a new output_dir"
@@ -499,6 +506,7 @@ def run_experiment(
     taylor: TaylorSpec | None = None,
     evaluation: EvalSpec | None = None,
     data: DataSpec | None = None,
+    trainer: TrainerSpec | None = None,
     output_dir: str | None = None,
     seed: int = 0,
     experiment_name: str = "dense2moe",
@@ -518,6 +526,8 @@ def run_experiment(
         taylor: Taylor-score calibration.
         evaluation: The evaluation at the end.
         data: Training data (the shapes world, or prepare-data latents).
+        trainer: Where the stages run (accelerator, devices, num_nodes, strategy, checkpoint_every, extra
+            lightning.Trainer arguments); defaults for every stage's own ``trainer`` section, whose keys win.
         output_dir: Where stages, checkpoints and the report go (default runs/<name>).
         seed: Seed of every stage's noise and timesteps.
         experiment_name: MLflow experiment.
@@ -534,6 +544,7 @@ def run_experiment(
     validate_schedules(evaluation, student, data)
     if only_stage is not None and only_stage not in [s.name for s in stages]:
         raise UserError(f"only_stage={only_stage!r}: not one of {[s.name for s in stages]}")
+    trainer = trainer or TrainerSpec()
     exp = Experiment(
         name=name,
         teacher=teacher or TeacherSpec(),
@@ -548,5 +559,6 @@ def run_experiment(
         tracking_uri=tracking_uri,
         callbacks=list(callbacks or []),
         mlflow_parent_run_id=mlflow_parent_run_id,
+        trainer=trainer,
     )
     return run(exp, only_stage)
