@@ -45,6 +45,7 @@ from evaluation.glyph_detector import evaluate_glyph_image
 from src.data.datamodule import images_to_tensor
 from src.data.glyphs import GLYPH_BACKGROUND, GlyphWorld, prompt_of
 from src.models.flow import sample_sigmas
+from src.models.flux_moe import set_top_k
 from src.models.loading import load_transformer
 from src.models.lora import fuse_lora, read_lora
 from src.models.pipeline import SamplingConfig, ShapesPipeline
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompts", type=int, default=553, help="first N of GenEval's 553 prompts")
+    parser.add_argument("--prompt_stride", type=int, default=1, help="every k-th of those prompts")
+    parser.add_argument("--lora", default=None, help="an existing LoRA file instead of training one")
+    parser.add_argument("--student_top_k", type=int, default=None, help="sample the student with this top-k")
     parser.add_argument("--steps_sampling", type=int, default=20)
     parser.add_argument("--cfg_scale", type=float, default=2.0)
     parser.add_argument("--sample_batch", type=int, default=64)
@@ -150,32 +154,38 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
 
     teacher = load_transformer(args.teacher).eval()
-    teacher_lora = train_lora(teacher, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    FluxPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(teacher_lora))
-    lora = read_lora(out / "pytorch_lora_weights.safetensors")
+    fused_vs_peft = None
+    if args.lora is None:
+        teacher_lora = train_lora(teacher, args)
+        FluxPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(teacher_lora))
+        lora = read_lora(out / "pytorch_lora_weights.safetensors")
+    else:
+        lora = read_lora(args.lora)
 
     fused_teacher = copy.deepcopy(teacher)
     fuse_lora(fused_teacher, lora)
     student = load_transformer(args.student).eval()
+    if args.student_top_k is not None:
+        set_top_k(student, args.student_top_k)
     student_lora = copy.deepcopy(student)
     mapped = fuse_lora(student_lora, lora)
 
-    # the fused dense teacher against PEFT's own adapters: the file and the fusing are exact
-    probe = ShapesPipeline(teacher)
-    x_BLD = torch.randn(
-        4, probe.tokens_per_side**2, teacher.config.in_channels, generator=torch.Generator().manual_seed(1)
-    )
-    tokens, pooled = probe.encode_prompts(["a photo of a red bench"] * 4)
-    sigma_B = torch.tensor([0.9, 0.6, 0.3, 0.1])
-    with torch.no_grad():
-        fused_vs_peft = float(
-            (probe.velocity(x_BLD, sigma_B, tokens, pooled, fused_teacher)
-             - probe.velocity(x_BLD, sigma_B, tokens, pooled, teacher_lora)).abs().max()
-        )  # fmt: skip
+    if args.lora is None:  # the fused dense teacher against PEFT's own adapters: the file and the fusing are exact
+        probe = ShapesPipeline(teacher)
+        x_BLD = torch.randn(
+            4, probe.tokens_per_side**2, teacher.config.in_channels, generator=torch.Generator().manual_seed(1)
+        )
+        tokens, pooled = probe.encode_prompts(["a photo of a red bench"] * 4)
+        sigma_B = torch.tensor([0.9, 0.6, 0.3, 0.1])
+        with torch.no_grad():
+            fused_vs_peft = float(
+                (probe.velocity(x_BLD, sigma_B, tokens, pooled, fused_teacher)
+                 - probe.velocity(x_BLD, sigma_B, tokens, pooled, teacher_lora)).abs().max()
+            )  # fmt: skip
 
-    metadata = GlyphWorld().heldout_metadata()[: args.prompts]
+    metadata = GlyphWorld().heldout_metadata()[: args.prompts : args.prompt_stride]
     images = {
         "teacher": sample_all(teacher, metadata, args, "teacher"),
         "teacher + LoRA": sample_all(fused_teacher, metadata, args, "teacher + LoRA"),
@@ -213,8 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"LoRA: {len(lora)} modules, rank {args.rank}, {args.steps} steps; fused into the student: {mapped}")
-    print(f"fused dense teacher vs PEFT adapters: max |Δv| = {fused_vs_peft:.2e}")
+    print(
+        f"LoRA: {len(lora)} modules ({args.lora or f'rank {args.rank}, {args.steps} steps'}); into the student: {mapped}"
+    )
+    if fused_vs_peft is not None:
+        print(f"fused dense teacher vs PEFT adapters: max |Δv| = {fused_vs_peft:.2e}")
     print(f"\n{len(metadata)} GenEval prompts × 1 image, same noise for all four models\n")
     print("| model | LoRA-background pixels [95% CI] | GenEval-glyphs |")
     print("|---|---:|---:|")
