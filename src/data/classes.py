@@ -8,12 +8,11 @@ is identical on every machine and resumes where a checkpoint stopped. Validation
 
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from src.data.datamodule import ShapesStream, images_to_tensor
+from src.data.datamodule import ResumableStreamDataModule, ShapesStream, images_to_tensor
 from src.data.shapes import ShapesWorld, task_compositions
 
 CLASS_METADATA: list[dict] = task_compositions("colors")
@@ -58,7 +57,7 @@ def collate_seeds(items: list[tuple[int, int]]) -> dict:
     return {"label": torch.tensor([c for c, _ in items], dtype=torch.long), "seed": [s for _, s in items]}
 
 
-class ClassShapesDataModule(L.LightningDataModule):
+class ClassShapesDataModule(ResumableStreamDataModule):
     def __init__(
         self,
         image_size: int = 32,
@@ -89,7 +88,6 @@ class ClassShapesDataModule(L.LightningDataModule):
         # heldout_fraction only concerns GenEval prompts; every class is trained here.
         self.world = ShapesWorld(size=image_size, heldout_fraction=0.0, snap=snap)
         self.train_stream = ClassShapesStream(self.world, batch_size, seed)
-        self._consumed = -1
 
     @property
     def num_classes(self) -> int:
@@ -97,18 +95,6 @@ class ClassShapesDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_stream, batch_size=None, num_workers=0)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.trainer is not None and self.trainer.training and "index" in batch:
-            self._consumed = int(batch["index"])
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"next_batch": self._consumed + 1}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._consumed = int(state["next_batch"]) - 1
-        self.train_stream.next_batch = int(state["next_batch"])
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams

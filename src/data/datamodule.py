@@ -73,7 +73,29 @@ def collate_heldout(items: list[tuple[dict, int]]) -> dict:
     return {"metadata": [m for m, _ in items], "seed": [s for _, s in items]}
 
 
-class ShapesDataModule(L.LightningDataModule):
+class ResumableStreamDataModule(L.LightningDataModule):
+    """A data module whose training data is a seeded stream of numbered batches (``self.train_stream``, whose
+    ``next_batch`` it sets): the checkpoint records the next batch to draw, so a resumed run continues the stream
+    where it stopped instead of replaying it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._consumed = -1
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training and "index" in batch:
+            self._consumed = int(batch["index"])
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"next_batch": self._consumed + 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._consumed = int(state["next_batch"]) - 1
+        self.train_stream.next_batch = int(state["next_batch"])
+
+
+class ShapesDataModule(ResumableStreamDataModule):
     def __init__(
         self,
         image_size: int = 32,
@@ -110,24 +132,11 @@ class ShapesDataModule(L.LightningDataModule):
         self.world = make_world(world, image_size, heldout_fraction, snap, cells)
         self.world_name = world
         self.train_stream = ShapesStream(self.world, batch_size, seed)
-        self._consumed = -1
 
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:
             self.train_stream.rank, self.train_stream.ranks = self.trainer.global_rank, self.trainer.world_size
         return DataLoader(self.train_stream, batch_size=None, num_workers=0)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.trainer is not None and self.trainer.training and "index" in batch:
-            self._consumed = int(batch["index"])
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"next_batch": self._consumed + 1}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._consumed = int(state["next_batch"]) - 1
-        self.train_stream.next_batch = int(state["next_batch"])
 
     def heldout_metadata(self, per_task: int | None = None) -> list[dict]:
         n = per_task or self.hparams.val_prompts_per_task
