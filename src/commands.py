@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import yaml
 from diffusers import FluxTransformer2DModel
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from src.config_parsing import instantiate, user_facing_error
 from src.dtypes import DTYPES
@@ -42,10 +42,12 @@ def _load_experiment(config: str) -> dict[str, Any]:
             "params needs one of them, or --preset"
         )
     parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)  # a file may include a base: `config: base.yaml`
     parser.add_function_arguments(run_experiment, as_positional=False)
     try:
         cfg = parser.parse_path(config)
         args = vars(instantiate(parser, cfg))
+        args.pop("config", None)
     except ValueError as err:  # a section typed `X | None` reports its own error as its cause
         raise UserError(f"config {config}: {user_facing_error(err) or err}") from None
     try:  # each stage's trainer section resolved over the experiment's, as Experiment holds them

@@ -7,6 +7,9 @@ So ``dense2moe fit --config /abs/repo/experiments/debug.yaml`` means the same fr
 config of your own next to your own teacher folder works as written. Paths given on the command line, and the
 defaults (``runs/<name>``, ``sqlite:///mlflow.db``), stay relative to the working directory. URLs (``s3://…``) and
 names that are no local path anywhere (a hub id such as ``black-forest-labs/FLUX.1-dev``) are left as written.
+
+A config file may include another (``config: flux_dev_base.yaml``, jsonargparse's include, relative to the including
+file); a path keeps the folder of the file that wrote it.
 """
 
 from __future__ import annotations
@@ -92,15 +95,29 @@ def path_sources(argv: list[str], keys: tuple[str, ...]) -> dict[str, Path]:
             value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             if not Path(value).is_file():
                 continue
-            data = read_config(value)
-            for key in keys:
-                if _has(data, key.split(".")):
-                    sources[key] = Path(value)
+            sources.update(_file_sources(Path(value), keys))
         elif arg.startswith("--"):
             name = arg[2:].split("=", 1)[0]
             for key in keys:
                 if key == name or key.startswith(name + "."):
                     sources.pop(key, None)
+    return sources
+
+
+def _file_sources(path: Path, keys: tuple[str, ...], seen: tuple[Path, ...] = ()) -> dict[str, Path]:
+    """The ``keys`` a config file sets and the file that set them, after the files it includes (``config: base.yaml``,
+    jsonargparse's include, relative to the including file), whose keys it overrides."""
+    if path.resolve() in seen:
+        raise UserError(f"--config {path}: includes itself (config: chain {' → '.join(str(p) for p in seen)})")
+    data = read_config(path)
+    sources: dict[str, Path] = {}
+    included = data.get("config")
+    for name in [included] if isinstance(included, str) else included if isinstance(included, list) else []:
+        base = Path(name) if Path(name).is_absolute() else path.parent / name
+        sources.update(_file_sources(base, keys, (*seen, path.resolve())))
+    for key in keys:
+        if _has(data, key.split(".")):
+            sources[key] = path
     return sources
 
 

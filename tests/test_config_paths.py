@@ -7,7 +7,10 @@ import yaml
 from conftest import ROOT
 from test_cli import run_cli
 
+from src.commands import _load_experiment as load_experiment
 from src.config_files import path_sources, resolve_in_config
+from src.errors import UserError
+from src.sweep.configs import load_base
 
 DEBUG = ROOT / "experiments" / "debug.yaml"
 
@@ -79,3 +82,36 @@ def test_hub_shaped_missing_folder_names_both_readings(name, capsys, workdir, mo
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     code, _, err = run_cli(["fit", "--config", str(DEBUG), "--teacher.path", name], capsys)
     assert code == 2 and f"no local folder {workdir / name}" in err and "hf download" not in err
+
+
+def test_an_included_base_keeps_its_own_paths_and_yields_whole_sections(tmp_path):
+    """`config: base.yaml` (jsonargparse's include): the base's relative paths keep the base's folder, the including
+    file's keys win, and a section it sets replaces the base's section whole — in fit/params and in a sweep's base."""
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases" / "data_here").mkdir()
+    (tmp_path / "bases" / "base.yaml").write_text(
+        yaml.safe_dump({"data": {"kind": "latents", "path": "data_here"}, "evaluation": {"steps": 28, "batch_size": 4}})
+    )
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        yaml.safe_dump(
+            {"config": "bases/base.yaml", "evaluation": {"steps": 5}, "stages": [{"name": "a", "kind": "shared_kd"}]}
+        )
+    )
+    keys = ("data.path", "evaluation.teacher_cache")
+    assert path_sources(["--config", str(child)], keys) == {"data.path": tmp_path / "bases" / "base.yaml"}
+    flat = load_base(str(child), str(child))
+    assert flat["data"]["path"] == str(tmp_path / "bases" / "data_here")
+    assert flat["evaluation"] == {"steps": 5} and "config" not in flat
+    (tmp_path / "bases" / "base.yaml").write_text(yaml.safe_dump({"config": "../child.yaml"}))
+    with pytest.raises(UserError, match="includes itself"):
+        path_sources(["--config", str(child)], keys)
+
+
+@pytest.mark.parametrize("size", ["l", "m", "s", "l_fsdp"])
+def test_flux_experiments_share_one_base(size):
+    """The FLUX.1-dev experiments include experiments/flux_dev_base.yaml instead of repeating teacher and data."""
+    args = load_experiment(str(ROOT / "experiments" / f"flux_dev_moe_{size}.yaml"))
+    assert args["teacher"].path == "black-forest-labs/FLUX.1-dev" and args["teacher"].dtype == "bfloat16"
+    assert args["data"].kind == "latents" and args["data"].image_size == 1024
+    assert args["evaluation"].enabled == (size != "l_fsdp")

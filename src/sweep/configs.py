@@ -153,14 +153,37 @@ def resolve_base(path: str, sweep_file: str) -> Path:
 
 @cache
 def _read_base(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"base experiment {path}: no such file")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict) or ("stages" not in data and "model" not in data):
+    data = _flattened(path, ())
+    if "stages" not in data and "model" not in data:
         raise UserError(
             f"base experiment {path}: neither a Dense2MoE experiment ('stages:') nor a LightningCLI fit config ('model:')"
         )
     return data
+
+
+def _flattened(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """A config file with the files it includes (``config: base.yaml``) merged under it as jsonargparse merges them
+    (a top-level section the file sets replaces the included one whole), each file's relative paths made absolute
+    against that file: a trial's config.yaml lives in another folder."""
+    if not path.is_file():
+        raise UserError(f"base experiment {path}: no such file")
+    if path.resolve() in seen:
+        raise UserError(f"base experiment {path}: includes itself")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise UserError(f"base experiment {path}: not a mapping of config keys")
+    data = copy.deepcopy(data)
+    for key in EXPERIMENT_PATHS:
+        node, *rest = key.split(".")
+        holder = data if not rest else data.get(node)
+        leaf = rest[0] if rest else node
+        if isinstance(holder, dict) and isinstance(holder.get(leaf), str):
+            holder[leaf] = resolve_in_config(holder[leaf], path, may_be_hub_id=key in HUB_KEYS)
+    included = data.pop("config", None)
+    merged: dict[str, Any] = {}
+    for name in [included] if isinstance(included, str) else included or []:
+        merged |= _flattened(Path(name) if Path(name).is_absolute() else path.parent / name, (*seen, path.resolve()))
+    return merged | data
 
 
 def is_experiment(config: dict[str, Any]) -> bool:
@@ -169,17 +192,8 @@ def is_experiment(config: dict[str, Any]) -> bool:
 
 
 def load_base(path: str, sweep_file: str) -> dict[str, Any]:
-    """The base config, its relative paths made absolute: a trial's config.yaml lives in another folder."""
-    base = resolve_base(path, sweep_file)
-    config = copy.deepcopy(_read_base(base))
-    if is_experiment(config):
-        for key in EXPERIMENT_PATHS:
-            node, *rest = key.split(".")
-            holder = config if not rest else config.get(node)
-            leaf = rest[0] if rest else node
-            if isinstance(holder, dict) and isinstance(holder.get(leaf), str):
-                holder[leaf] = resolve_in_config(holder[leaf], base, may_be_hub_id=key in HUB_KEYS)
-    return config
+    """The base config with what it includes merged in and its relative paths made absolute."""
+    return copy.deepcopy(_read_base(resolve_base(path, sweep_file)))
 
 
 def _stage_default(name: str) -> Any:
