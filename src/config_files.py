@@ -8,7 +8,7 @@ config of your own next to your own teacher folder works as written. Paths given
 defaults (``runs/<name>``, ``sqlite:///mlflow.db``), stay relative to the working directory. URLs (``s3://…``) and
 names that are no local path anywhere (a hub id such as ``black-forest-labs/FLUX.1-dev``) are left as written.
 
-A config file may include another (``config: flux_dev_base.yaml``, jsonargparse's include, relative to the including
+A config file may include another (``config: base/flux_dev.yaml``, jsonargparse's include, relative to the including
 file); a path keeps the folder of the file that wrote it.
 """
 

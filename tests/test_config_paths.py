@@ -110,7 +110,7 @@ def test_an_included_base_keeps_its_own_paths_and_yields_whole_sections(tmp_path
 
 @pytest.mark.parametrize("size", ["l", "m", "s", "l_fsdp"])
 def test_flux_experiments_share_one_base(size):
-    """The FLUX.1-dev experiments include experiments/flux_dev_base.yaml instead of repeating teacher and data."""
+    """The FLUX.1-dev experiments include experiments/base/flux_dev.yaml instead of repeating teacher and data."""
     args = load_experiment(str(ROOT / "experiments" / f"flux_dev_moe_{size}.yaml"))
     assert args["teacher"].path == "black-forest-labs/FLUX.1-dev" and args["teacher"].dtype == "bfloat16"
     assert args["data"].kind == "latents" and args["data"].image_size == 1024

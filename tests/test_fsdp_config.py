@@ -147,7 +147,8 @@ def test_bad_strategy_in_a_config_file_is_one_error_line(tmp_path, capsys):
     text = EXAMPLE.read_text().replace("auto_wrap_policy: blocks ", "auto_wrap_policy: all_of_them ", 1)
     assert text != EXAMPLE.read_text()
     bad.write_text(text)
-    (tmp_path / "flux_dev_base.yaml").write_text((EXAMPLE.parent / "flux_dev_base.yaml").read_text())  # its include
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "flux_dev.yaml").write_text((EXAMPLE.parent / "base" / "flux_dev.yaml").read_text())  # included
     with pytest.raises(SystemExit) as exc:
         main(["params", "--config", str(bad)])
     assert exc.value.code == 2
