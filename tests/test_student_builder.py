@@ -52,8 +52,9 @@ def test_converting_and_mob_wrapping_a_mid_size_flux_peaks_near_the_student_size
         check=True,
     )
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    # measured on this machine: 1.09x (fp32 and bf16); a from_config MoB student alone would add 1x
-    assert measured["peak"] <= 1.3 * measured["student"], measured
+    # measured on this machine: 1.09x alone (fp32 and bf16), once 1.36x inside a full-suite run (the allocator's
+    # state differs); a from_config MoB student alone would add 1x, so 1.6x still catches a second copy
+    assert measured["peak"] <= 1.6 * measured["student"], measured
 
 
 def test_meta_teacher_gives_meta_student_with_the_real_structure():
