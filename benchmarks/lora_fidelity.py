@@ -38,13 +38,13 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from torchvision.utils import make_grid
 
-from evaluation.bootstrap import mean_difference, mean_interval
+from evaluation.bootstrap import geneval_differences, mean_difference, mean_interval
 from evaluation.fidelity import fidelity
 from evaluation.geneval import summarize
 from evaluation.glyph_detector import evaluate_glyph_image
 from src.data.datamodule import images_to_tensor
 from src.data.glyphs import GLYPH_BACKGROUND, GlyphWorld, prompt_of
-from src.models.flow import sample_sigmas
+from src.models.flow import interpolate, sample_sigmas
 from src.models.flux_moe import set_top_k
 from src.models.loading import load_transformer
 from src.models.lora import fuse_lora, read_lora
@@ -102,8 +102,7 @@ def train_lora(teacher: torch.nn.Module, args: argparse.Namespace) -> torch.nn.M
             tokens, pooled = pipeline.encode_prompts(prompts)
             sigma_B = sample_sigmas(args.batch, "logit_normal", 3.0, generator=generator)
             noise_BLD = torch.randn(x0_BLD.shape, generator=generator)
-            s = sigma_B[:, None, None]
-            v_BLD = pipeline.velocity((1 - s) * x0_BLD + s * noise_BLD, sigma_B, tokens, pooled)
+            v_BLD = pipeline.velocity(interpolate(x0_BLD, noise_BLD, sigma_B), sigma_B, tokens, pooled)
             loss = F.mse_loss(v_BLD, noise_BLD - x0_BLD)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -194,11 +193,18 @@ def main(argv: list[str] | None = None) -> dict:
     }
     plain = fidelity(images["student"], images["teacher"], per_pair=True)["per_pair"]["psnr"]
     with_lora = fidelity(images["student + LoRA"], images["teacher + LoRA"], per_pair=True)["per_pair"]["psnr"]
-    rows = {}
+    rows, correct = {}, {}
     for name, batch in images.items():
-        correct = geneval_correct(unstyle(batch) if "LoRA" in name else batch, metadata)
-        records = [{"tag": md["tag"], "metadata": json.dumps(md), "correct": c} for md, c in zip(metadata, correct)]
+        correct[name] = geneval_correct(unstyle(batch) if "LoRA" in name else batch, metadata)
+        records = [
+            {"tag": md["tag"], "metadata": json.dumps(md), "correct": c} for md, c in zip(metadata, correct[name])
+        ]
         rows[name] = {"style_share": mean_interval(style_share(batch)), "geneval": summarize(records)["overall"]}
+    tags = [md["tag"] for md in metadata]
+    lora_effect = {  # GenEval with the LoRA − without, paired over prompts (overall stratified by task)
+        model: geneval_differences(tags, correct[model], correct[f"{model} + LoRA"], seed=1)["overall"]
+        for model in ("teacher", "student")
+    }
     result = {
         "lora_modules": len(lora),
         "student_modules_changed": mapped,
@@ -209,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         "models": {
             k: {"style_share": v["style_share"].as_dict(), "geneval_glyphs": v["geneval"]} for k, v in rows.items()
         },
+        "geneval_delta_with_lora": {k: v.as_dict() for k, v in lora_effect.items()},
         "prompts": len(metadata),
         "wall_s": time.perf_counter() - started,
         "args": vars(args),
@@ -239,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     psnr = {k: result[k] for k in ("psnr_student_vs_teacher", "psnr_student_lora_vs_teacher_lora")}
     for key, value in psnr.items():
         print(f"{key}: {value['estimate']:.2f} dB [{value['low']:.2f}, {value['high']:.2f}]")
+    for model, interval in lora_effect.items():
+        print(f"GenEval-glyphs of the {model}, with the LoRA − without: {interval.format()} points")
     delta = mean_difference(plain, with_lora, seed=1)
     print(f"Δ PSNR (with LoRA − without): {delta.format(scale=1, digits=2)} dB")
     print(f"wall {result['wall_s']:.0f} s; results in {out / 'results.json'}")

@@ -104,21 +104,23 @@ def path_sources(argv: list[str], keys: tuple[str, ...]) -> dict[str, Path]:
     return sources
 
 
-def _file_sources(path: Path, keys: tuple[str, ...], seen: tuple[Path, ...] = ()) -> dict[str, Path]:
-    """The ``keys`` a config file sets and the file that set them, after the files it includes (``config: base.yaml``,
-    jsonargparse's include, relative to the including file), whose keys it overrides."""
+def include_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """A config file and what it includes (``config: base.yaml`` or a list, jsonargparse's include, relative to the
+    including file), in the order their keys apply: included files first, the file itself last."""
     if path.resolve() in seen:
         raise UserError(f"--config {path}: includes itself (config: chain {' → '.join(str(p) for p in seen)})")
     data = read_config(path)
-    sources: dict[str, Path] = {}
     included = data.get("config")
+    chain: list[tuple[Path, dict[str, Any]]] = []
     for name in [included] if isinstance(included, str) else included if isinstance(included, list) else []:
         base = Path(name) if Path(name).is_absolute() else path.parent / name
-        sources.update(_file_sources(base, keys, (*seen, path.resolve())))
-    for key in keys:
-        if _has(data, key.split(".")):
-            sources[key] = path
-    return sources
+        chain += include_chain(base, (*seen, path.resolve()))
+    return [*chain, (path, data)]
+
+
+def _file_sources(path: Path, keys: tuple[str, ...]) -> dict[str, Path]:
+    """The ``keys`` a config file sets, with what it includes, and the file that set each last."""
+    return {key: file for file, data in include_chain(path) for key in keys if _has(data, key.split("."))}
 
 
 def _has(data: Any, segments: list[str]) -> bool:

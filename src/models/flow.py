@@ -60,8 +60,9 @@ def per_sample(sigma_B: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma_B: torch.Tensor) -> torch.Tensor:
-    """The noisy input x_σ = (1 − σ)·x_0 + σ·ε (per sample σ, any rank with the batch first)."""
-    s = per_sample(sigma_B, x0)
+    """The noisy input x_σ = (1 − σ)·x_0 + σ·ε (per sample σ, any rank with the batch first; σ keeps its dtype, so a
+    float32 σ on bfloat16 data gives a float32 x_σ, as writing the formula out does)."""
+    s = sigma_B.view(-1, *([1] * (x0.dim() - 1)))
     return (1 - s) * x0 + s * noise
 
 

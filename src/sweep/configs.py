@@ -17,9 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from src.config_files import EXPERIMENT_PATHS, HUB_KEYS, resolve_in_config
+from src.config_files import EXPERIMENT_PATHS, HUB_KEYS, include_chain, resolve_in_config
 from src.errors import UserError
 from src.sweep.spec import VARIANT_PARAM, SweepSpec
 from src.training.distill import StageSpec
@@ -153,7 +151,7 @@ def resolve_base(path: str, sweep_file: str) -> Path:
 
 @cache
 def _read_base(path: Path) -> dict[str, Any]:
-    data = _flattened(path, ())
+    data = _flattened(path)
     if "stages" not in data and "model" not in data:
         raise UserError(
             f"base experiment {path}: neither a Dense2MoE experiment ('stages:') nor a LightningCLI fit config ('model:')"
@@ -161,29 +159,23 @@ def _read_base(path: Path) -> dict[str, Any]:
     return data
 
 
-def _flattened(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-    """A config file with the files it includes (``config: base.yaml``) merged under it as jsonargparse merges them
-    (a top-level section the file sets replaces the included one whole), each file's relative paths made absolute
-    against that file: a trial's config.yaml lives in another folder."""
+def _flattened(path: Path) -> dict[str, Any]:
+    """A config file with the files it includes merged under it as jsonargparse merges them (a top-level section a
+    later file sets replaces the earlier one whole), each file's relative paths made absolute against that file: a
+    trial's config.yaml lives in another folder."""
     if not path.is_file():
         raise UserError(f"base experiment {path}: no such file")
-    if path.resolve() in seen:
-        raise UserError(f"base experiment {path}: includes itself")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise UserError(f"base experiment {path}: not a mapping of config keys")
-    data = copy.deepcopy(data)
-    for key in EXPERIMENT_PATHS:
-        node, *rest = key.split(".")
-        holder = data if not rest else data.get(node)
-        leaf = rest[0] if rest else node
-        if isinstance(holder, dict) and isinstance(holder.get(leaf), str):
-            holder[leaf] = resolve_in_config(holder[leaf], path, may_be_hub_id=key in HUB_KEYS)
-    included = data.pop("config", None)
     merged: dict[str, Any] = {}
-    for name in [included] if isinstance(included, str) else included or []:
-        merged |= _flattened(Path(name) if Path(name).is_absolute() else path.parent / name, (*seen, path.resolve()))
-    return merged | data
+    for file, data in include_chain(path):
+        data = {k: v for k, v in copy.deepcopy(data).items() if k != "config"}
+        for key in EXPERIMENT_PATHS:
+            node, *rest = key.split(".")
+            holder = data if not rest else data.get(node)
+            leaf = rest[0] if rest else node
+            if isinstance(holder, dict) and isinstance(holder.get(leaf), str):
+                holder[leaf] = resolve_in_config(holder[leaf], file, may_be_hub_id=key in HUB_KEYS)
+        merged |= data
+    return merged
 
 
 def is_experiment(config: dict[str, Any]) -> bool:

@@ -31,7 +31,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from src.data.worlds import model_world
 from src.errors import UserError
-from src.models.flow import TIMESTEP_SAMPLINGS, sample_sigmas
+from src.models.flow import TIMESTEP_SAMPLINGS, interpolate, sample_sigmas
 from src.models.mob import mob_groups
 from src.models.moe import (
     clear_aux_losses,
@@ -318,8 +318,7 @@ class DistillStage(FlowModule):
         sigma_B = sample_sigmas(total, spec.timestep_sampling, spec.timestep_shift, generator=gen)[mine]
         sigma_B = sigma_B.to(self.device)
         noise_BLD = torch.randn((total, *x0_BLD.shape[1:]), generator=gen)[mine].to(self.device)
-        s = sigma_B[:, None, None]
-        x_t = (1 - s) * x0_BLD + s * noise_BLD
+        x_t = interpolate(x0_BLD, noise_BLD, sigma_B)
         self.last_sigma_B = sigma_B
         with torch.no_grad():
             v_teacher = velocity(self.teacher, x_t, sigma_B, inputs, guidance)

@@ -28,6 +28,7 @@ from src.errors import UserError, short_reason
 from src.folders import check_writable_dir
 from src.hub import is_hub_id
 from src.models.convert import ConversionConfig
+from src.models.flow import interpolate
 from src.models.loading import load_transformer
 from src.models.mob import group_spans, mob_groups
 from src.models.moe import set_layers_top_k
@@ -179,7 +180,7 @@ def taylor_batches(exp: Experiment, conditioning, teacher: torch.nn.Module):
         x0 = inputs.x0_BLD
         sigma = ((torch.arange(x0.shape[0]) + torch.rand(x0.shape[0], generator=gen)) / x0.shape[0] + i / n) % 1.0
         noise = torch.randn(x0.shape, generator=gen)
-        x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        x_t = interpolate(x0, noise, sigma)
         uncond = conditioning.unconditional(x0.shape[0])
         if exp.taylor.loss == "flow":
             target = noise - x0

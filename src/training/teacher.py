@@ -17,7 +17,7 @@ from src.atomic import replaced_folder
 from src.data.worlds import check_world
 from src.errors import UserError
 from src.folders import check_writable_dir
-from src.models.flow import PREDICTION_TYPES, TIMESTEP_SAMPLINGS, sample_sigmas
+from src.models.flow import PREDICTION_TYPES, TIMESTEP_SAMPLINGS, interpolate, sample_sigmas
 from src.models.loading import load_transformer
 from src.models.pipeline import SamplingConfig, ShapesPipeline
 from src.models.text_encoder import HashTextEncoder, TextEncoderConfig
@@ -130,8 +130,7 @@ class TeacherModule(FlowModule):
         tokens, pooled = self.pipeline.encode_prompts(prompts)
         sigma_B = sample_sigmas(b, hp.timestep_sampling, hp.timestep_shift, device=self.device)
         noise_BLD = torch.randn_like(x0_BLD)
-        s = sigma_B[:, None, None]
-        x_t = (1 - s) * x0_BLD + s * noise_BLD
+        x_t = interpolate(x0_BLD, noise_BLD, sigma_B)
         v_pred = self.pipeline.velocity(x_t, sigma_B, tokens, pooled)
         loss = F.mse_loss(v_pred.float(), (noise_BLD - x0_BLD).float())
         self.log("train/loss", loss, prog_bar=True)
