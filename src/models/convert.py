@@ -19,7 +19,6 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from src.models.flux_moe import (
-    LOCATIONS,
     DenseFFN,
     FluxMoETransformer2DModel,
     build_from_state,
@@ -28,6 +27,7 @@ from src.models.flux_moe import (
     init_config,
 )
 from src.models.moe import BALANCES, GATES, MoEConfig, check_routing, layout_widths, parse_layout
+from src.models.student_structure import LOCATIONS
 from src.models.taylor import ASSIGNMENTS, SPLITS, router_centroids, split_neurons
 
 ROUTER_INITS = ("zeros", "normal", "centroids")

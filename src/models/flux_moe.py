@@ -1,9 +1,11 @@
 """The converted student: diffusers' FLUX transformer with MoE feed-forwards, narrowed FFNs or removed blocks.
 
-`FluxMoETransformer2DModel` subclasses `FluxTransformer2DModel`; its registered config carries the MoE layout
-(`moe`, `moe_locations`), the MoB groups (`mob`), width-pruned FFN widths (`ffn_widths`) and the teacher blocks a
-depth-pruned model kept (`kept_double`, `kept_single`), so `save_pretrained`/`from_pretrained` rebuild it without the
-teacher and `FluxPipeline(transformer=...)` uses it unchanged.
+`FluxMoETransformer2DModel` subclasses `FluxTransformer2DModel` and is built from a `StudentStructure`
+(src/models/student_structure.py): MoE placement, width pruning, depth pruning and MoB groups, each a small config
+object, applied one after the other to the dense blocks diffusers builds. Its registered config keeps them as flat
+JSON keys (`moe`, `moe_locations`, `mob`, `ffn_widths`, `kept_double`, `kept_single`), so
+`save_pretrained`/`from_pretrained` rebuild it without the teacher and `FluxPipeline(transformer=...)` uses it
+unchanged.
 
 FFN locations: "ff" (image stream of a double block), "ff_context" (text stream of a double block), "single" (the
 MLP branch of a single-stream block, whose fused `proj_out` is split into `attn_out` + the MoE down-projection).
@@ -34,13 +36,9 @@ from diffusers.utils import apply_lora_scale
 from diffusers.utils.torch_utils import maybe_allow_in_graph
 from torch import nn
 
-from src.models.mob import MoBConfig, build_mob_groups
-from src.models.moe import MoEConfig, MoEFeedForward, layout_widths, moe_layers, set_layers_top_k
-
-LOCATIONS = ("ff", "ff_context", "single")
-"""FFN locations that can be converted or width-pruned."""
-
-STREAMS = {"ff": "transformer_blocks", "ff_context": "transformer_blocks", "single": "single_transformer_blocks"}
+from src.models.mob import build_mob_groups
+from src.models.moe import MoEConfig, MoEFeedForward, moe_layers, set_layers_top_k
+from src.models.student_structure import LOCATIONS, STREAMS, MoEPlacement, StudentStructure, WidthPruning
 
 
 @maybe_allow_in_graph
@@ -97,10 +95,12 @@ def _narrow_single_block(block: FluxSingleTransformerBlock, width: int) -> None:
 
 
 class FluxMoETransformer2DModel(FluxTransformer2DModel):
-    """`FluxTransformer2DModel` whose FFNs at `moe_locations` are `MoEFeedForward` layers.
+    """`FluxTransformer2DModel` with the changes of its `structure` (a `StudentStructure`) applied.
 
     Without `moe`, `mob`, `ffn_widths` and with all blocks it is the dense model, and its forward is
-    bit-identical to `FluxTransformer2DModel.forward` for the same weights.
+    bit-identical to `FluxTransformer2DModel.forward` for the same weights. `prediction_type`, `sampling_shift` and
+    `world` change nothing here: they are metadata that travel with the weights in config.json (read by
+    `flow.prediction_type`, `flow.sampling_shift` and the evaluation's world lookup).
     """
 
     _no_split_modules = ["FluxTransformerBlock", "FluxSingleTransformerBlock", "FluxMoESingleTransformerBlock"]
@@ -145,9 +145,6 @@ class FluxMoETransformer2DModel(FluxTransformer2DModel):
             guidance_embeds=guidance_embeds,
             axes_dims_rope=axes_dims_rope,
         )
-        locations = _check_structure(
-            moe, moe_locations, ffn_widths, kept_double, kept_single, num_layers, num_single_layers
-        )
         dim = self.inner_dim
         # diffusers' own dense FFN width (FLUX: mlp_ratio 4), read off the blocks it built before any narrowing
         dense_width = (
@@ -157,28 +154,25 @@ class FluxMoETransformer2DModel(FluxTransformer2DModel):
             if num_single_layers
             else 4 * dim
         )
-        for loc, width in (ffn_widths or {}).items():
-            for block in getattr(self, STREAMS[loc]):
-                if loc == "single":
-                    _narrow_single_block(block, width)
-                else:
-                    setattr(
-                        block, loc, FeedForward(dim, dim_out=dim, inner_dim=width, activation_fn="gelu-approximate")
-                    )
-        if locations:
-            moe_cfg = _resolve_moe(moe, ffn_width=dense_width)
-            for block in self.transformer_blocks:
-                for loc in ("ff", "ff_context"):
-                    if loc in locations:
-                        setattr(block, loc, MoEFeedForward(dim, moe_cfg))
-            if "single" in locations:
-                self.single_transformer_blocks = nn.ModuleList(
-                    FluxMoESingleTransformerBlock(dim, num_attention_heads, attention_head_dim, moe_cfg)
-                    for _ in range(num_single_layers)
-                )
+        self.structure = StudentStructure.from_config(
+            moe=moe,
+            moe_locations=moe_locations,
+            mob=mob,
+            ffn_widths=ffn_widths,
+            kept_double=kept_double,
+            kept_single=kept_single,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            dense_width=dense_width,
+        )
+        """What this student changes in the dense architecture, parsed from the flat config keys above."""
+        if self.structure.width is not None:
+            _narrow_ffns(self, self.structure.width)
+        if self.structure.moe is not None:
+            _place_moe(self, self.structure.moe, num_attention_heads, attention_head_dim)
         self.mob_groups: nn.ModuleList | None = None
-        if mob is not None:
-            self.mob_groups = build_mob_groups(MoBConfig(**mob), num_layers, num_single_layers, dim)
+        if self.structure.mob is not None:
+            self.mob_groups = build_mob_groups(self.structure.mob, num_layers, num_single_layers, dim)
 
     @apply_lora_scale("joint_attention_kwargs")
     def forward(
@@ -254,51 +248,29 @@ def _control_residual(samples: list[torch.Tensor], index: int, num_blocks: int, 
     return samples[index // interval]
 
 
-def _check_structure(
-    moe: dict[str, Any] | None,
-    moe_locations: list[str] | None,
-    ffn_widths: dict[str, int] | None,
-    kept_double: list[int] | None,
-    kept_single: list[int] | None,
-    num_layers: int,
-    num_single_layers: int,
-) -> list[str]:
-    """Validate the structural config keys; returns the MoE locations (all of them when `moe` is set alone)."""
-    if moe is None:
-        if moe_locations:
-            raise ValueError(f"moe_locations={moe_locations!r}: needs `moe` (the MoE layer config) to be set")
-        locations: list[str] = []
-    else:
-        locations = list(LOCATIONS) if moe_locations is None else list(moe_locations)
-    for loc in locations:
-        if loc not in LOCATIONS:
-            raise ValueError(f"moe_locations: unknown location {loc!r}; allowed {list(LOCATIONS)}")
-    for loc, width in (ffn_widths or {}).items():
-        if loc not in LOCATIONS:
-            raise ValueError(f"ffn_widths: unknown location {loc!r}; allowed {list(LOCATIONS)}")
-        if loc in locations:
-            raise ValueError(f"ffn_widths: location {loc!r} is also in moe_locations; a location is MoE or dense")
-        if int(width) != width or width < 1:
-            raise ValueError(f"ffn_widths[{loc!r}]={width!r}: must be a positive integer")
-    for name, kept, num in (("kept_double", kept_double, num_layers), ("kept_single", kept_single, num_single_layers)):
-        if kept is not None and len(kept) != num:
-            raise ValueError(f"{name}: has {len(kept)} entries, the model has {num} blocks in that stream")
-    return locations
+def _narrow_ffns(model: FluxMoETransformer2DModel, pruning: WidthPruning) -> None:
+    """Replace the dense FFNs at each pruned location by ones of the kept width (fresh weights, filled later)."""
+    dim = model.inner_dim
+    for loc, width in pruning.ffn_widths.items():
+        for block in getattr(model, STREAMS[loc]):
+            if loc == "single":
+                _narrow_single_block(block, width)
+            else:
+                setattr(block, loc, FeedForward(dim, dim_out=dim, inner_dim=width, activation_fn="gelu-approximate"))
 
 
-def _resolve_moe(moe: dict[str, Any], ffn_width: int) -> MoEConfig:
-    """MoEConfig from the config dict, deriving unset widths of the experts it has from the dense FFN width."""
-    cfg = MoEConfig(**moe)
-    need_shared = cfg.num_shared > 0 and cfg.shared_width is None
-    need_expert = cfg.num_experts > 0 and cfg.expert_width is None
-    if need_shared or need_expert:
-        shared_width, expert_width = layout_widths(ffn_width, cfg.num_shared, cfg.num_experts)
-        cfg = dataclasses.replace(
-            cfg,
-            shared_width=shared_width if need_shared else cfg.shared_width,
-            expert_width=expert_width if need_expert else cfg.expert_width,
+def _place_moe(model: FluxMoETransformer2DModel, placement: MoEPlacement, heads: int, head_dim: int) -> None:
+    """Replace the FFNs at `placement.locations` by MoE layers (fresh weights, filled by the conversion or a load)."""
+    dim = model.inner_dim
+    for block in model.transformer_blocks:
+        for loc in ("ff", "ff_context"):
+            if loc in placement.locations:
+                setattr(block, loc, MoEFeedForward(dim, placement.layer))
+    if "single" in placement.locations:
+        model.single_transformer_blocks = nn.ModuleList(
+            FluxMoESingleTransformerBlock(dim, heads, head_dim, placement.layer)
+            for _ in range(len(model.single_transformer_blocks))
         )
-    return cfg
 
 
 @dataclass
@@ -366,6 +338,9 @@ def set_top_k(model: nn.Module, k: int) -> None:
     set_layers_top_k(model, k)
     if isinstance(model, FluxMoETransformer2DModel):
         model.register_to_config(moe={**model.config.moe, "top_k": k})
+        placement = model.structure.moe
+        layer = dataclasses.replace(placement.layer, top_k=k)
+        model.structure = dataclasses.replace(model.structure, moe=dataclasses.replace(placement, layer=layer))
 
 
 def moe_summary(model: nn.Module) -> dict[str, Any]:
@@ -424,7 +399,6 @@ def build_from_state(
 
 
 __all__ = [
-    "LOCATIONS",
     "FluxMoESingleTransformerBlock",
     "FluxMoETransformer2DModel",
     "DenseFFN",

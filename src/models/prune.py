@@ -19,7 +19,6 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from src.models.flux_moe import (
-    LOCATIONS,
     FluxMoETransformer2DModel,
     build_from_state,
     check_locations,
@@ -27,6 +26,7 @@ from src.models.flux_moe import (
     init_config,
     location_of,
 )
+from src.models.student_structure import LOCATIONS
 
 STREAM_PREFIXES = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 
