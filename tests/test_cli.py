@@ -10,6 +10,7 @@ from conftest import ROOT, TINY_FLUX, tiny_teacher_args
 from diffusers import FluxTransformer2DModel
 
 from src.cli import main
+from src.training.experiment import is_experiment_config
 
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
 
@@ -138,3 +139,10 @@ def test_checkpoint_round_trip_loader(workdir):
     loaded = load_transformer(workdir / "ok", {"num_layers": 2, "axes_dims_rope": (2, 2, 4)})
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_stages_in_an_included_file_make_an_experiment(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"config: {ROOT / 'experiments' / 'moe_l.yaml'}\nteacher: {{path: checkpoints/teacher_tiny}}\n")
+    assert is_experiment_config(str(child))
+    assert not is_experiment_config(str(ROOT / "experiments" / "teacher_tiny.yaml"))

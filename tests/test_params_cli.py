@@ -30,9 +30,17 @@ def test_moe_family_activates_less_and_less(capsys, name):
     assert out["activated"] < out["teacher"]["activated"]
 
 
-def test_family_is_ordered(capsys):
-    activated = [run_params(capsys, n)["activated"] for n in ("moe_l", "moe_m", "moe_s", "moe_xs")]
+def test_family_is_ordered(capsys, tmp_path):
+    # on one teacher: the main job (moe_s) has the hidden-64 glyph teacher, the rest of the family the default one
+    teacher = ROOT / "checkpoints" / "teacher_glyphs_h64"
+    activated = []
+    for name in ("moe_l", "moe_m", "moe_s", "moe_xs"):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"config: {ROOT / 'experiments' / name}.yaml\nteacher: {{path: {teacher}}}\n")
+        main(["params", "--config", str(config), "--json"])
+        activated.append(json.loads(capsys.readouterr().out)["activated"])
     assert activated == sorted(activated, reverse=True)
+    assert activated[2] == 591_496  # moe_s as the main job runs it (README, Measured: 0.591 M)
 
 
 def test_params_needs_an_experiment(capsys):

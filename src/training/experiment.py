@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import docstring_parser
-import yaml
 from lightning.pytorch.callbacks import Callback
 
+from src.config_files import include_chain
 from src.content_hash import content_hash
 from src.dtypes import DTYPES
 from src.errors import UserError
@@ -372,12 +372,12 @@ class Experiment:
 
 
 def is_experiment_config(path: str) -> bool:
-    """True for an experiment YAML (has ``stages``) rather than a plain LightningCLI config."""
+    """True for an experiment YAML (``stages`` in it or in a file it includes) rather than a LightningCLI config."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        chain = include_chain(Path(path))
+    except UserError:  # unreadable: the parser that runs next reports it
         return False
-    return isinstance(data, dict) and "stages" in data
+    return any("stages" in data for _, data in chain)
 
 
 def yaml_keys() -> str:
