@@ -19,7 +19,7 @@ def parse(**keys):
 
 def test_dense_keys_parse_to_the_dense_structure():
     structure = parse()
-    assert structure == StudentStructure() and structure.is_dense
+    assert structure == StudentStructure()
 
 
 def test_moe_widths_resolve_from_the_dense_width_and_locations_default_to_all():
@@ -28,7 +28,6 @@ def test_moe_widths_resolve_from_the_dense_width_and_locations_default_to_all():
     # 1 shared expert of F/4 and 4 routed experts sharing the rest (layout_widths): 32 + 4 × 24 = 128
     assert structure.moe.layer.shared_width == F // 4
     assert structure.moe.layer.shared_width + 4 * structure.moe.layer.expert_width == F
-    assert not structure.is_dense
 
 
 def test_every_change_gets_its_object():

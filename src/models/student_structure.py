@@ -71,11 +71,6 @@ class StudentStructure:
     mob: MoBConfig | None = None
     """Mixture-of-Blocks groups (None: every block runs)."""
 
-    @property
-    def is_dense(self) -> bool:
-        """True when the model is the plain dense architecture (depth pruning only changes the block counts)."""
-        return self.moe is None and self.width is None and self.mob is None
-
     @classmethod
     def from_config(
         cls,
